@@ -1,0 +1,1 @@
+"""Deployment: checkpoints plain Ultralytics loads, ONNX and TensorRT export (issue #6)."""

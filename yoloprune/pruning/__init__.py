@@ -1,0 +1,17 @@
+"""Pruning core: named stages, structured per-stage pruning, cost metrics."""
+
+from yoloprune.pruning.costs import Costs, count_flops, count_params, measure_costs
+from yoloprune.pruning.prune import IMPORTANCES, prune
+from yoloprune.pruning.stages import Stage, find_stages, prunable_stage_names
+
+__all__ = [
+    "IMPORTANCES",
+    "Costs",
+    "Stage",
+    "count_flops",
+    "count_params",
+    "find_stages",
+    "measure_costs",
+    "prunable_stage_names",
+    "prune",
+]

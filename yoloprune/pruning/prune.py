@@ -1,0 +1,166 @@
+"""Per-stage structured pruning on Torch-Pruning's dependency graph."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from yoloprune.errors import SearchSpaceError, YoloPruneError, did_you_mean
+from yoloprune.log import get_logger
+from yoloprune.pruning.stages import Stage, check_ratios, find_stages
+from yoloprune.ultra.blocks import attention_layers, fold_c2f_blocks, split_c2f_blocks
+from yoloprune.ultra.models import DetectionModel, check_detector, detect_head
+
+LOGGER = get_logger(__name__)
+
+#: Importance criteria by name: channel-group scores that decide which channels go.
+IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
+    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
+    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
+    "bn_scale": lambda: tp.importance.BNScaleImportance(),  # network slimming's BN gamma
+    "random": lambda: tp.importance.RandomImportance(),  # a control, not for real use
+}
+
+_TRACE_SIZE = 64  # small input for graph tracing; any multiple of the max stride works
+
+
+def prune(
+    model: nn.Module,
+    ratios_by_stage: Mapping[str, float],
+    importance: str = "l1",
+    round_to: int = 1,
+    *,
+    inplace: bool = False,
+    seed: int | None = 0,
+) -> DetectionModel:
+    """Prune a detection model structurally, one ratio per stage.
+
+    Each stage's ratio is the fraction of output channels removed from every prunable conv group whose
+    root lies in that stage; channels coupled by residual adds or splits are removed together, neck
+    concats stay consistent, and the ``Detect`` head keeps its own widths (its inputs follow the neck).
+    Layers holding self-attention (YOLO11's ``C2PSA``) are left whole, with a logged notice.
+
+    Args:
+        model: an Ultralytics ``DetectionModel``.
+        ratios_by_stage: e.g. ``{"backbone.p3": 0.3, "neck": 0.5}``; stages not named are not pruned.
+            See :func:`~yoloprune.pruning.stages.find_stages` for names.
+        importance: one of :data:`IMPORTANCES` (``l1``, ``l2``, ``bn_scale``, ``random``).
+        round_to: keep every pruned layer's channel count a multiple of this (8 suits tensor cores).
+        inplace: prune ``model`` itself instead of a copy.
+        seed: seeds the ``random`` criterion.
+
+    Returns:
+        The pruned model, built from stock Ultralytics modules only.
+
+    Raises:
+        SearchSpaceError: unknown stage, the head, a ratio outside [0, 0.95), an unknown importance or a
+            ``round_to`` below 1. Nothing is modified in that case.
+    """
+    model = check_detector(model)
+    stages = find_stages(model)
+    ratios = {k: float(v) for k, v in ratios_by_stage.items()}
+    check_ratios(ratios, stages)
+    if importance not in IMPORTANCES:
+        raise SearchSpaceError(
+            f"unknown importance '{importance}'.{did_you_mean(importance, IMPORTANCES)} "
+            f"Valid: {', '.join(IMPORTANCES)}."
+        )
+    if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+        raise SearchSpaceError(f"round_to must be a whole number >= 1, got {round_to!r}.")
+
+    work = model if inplace else copy.deepcopy(model)
+    was_training = work.training
+    work.eval()  # tracing must not update BN statistics
+    for p in work.parameters():
+        p.requires_grad_(True)  # the dependency graph is traced through autograd
+    if not any(ratios.values()):
+        return work.train(was_training)
+
+    ignored = _ignored_layers(work)
+    split_c2f_blocks(work)
+    try:
+        device = next(work.parameters()).device
+        example = torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            pruner = tp.pruner.BasePruner(
+                work,
+                example_inputs=example,
+                importance=IMPORTANCES[importance](),
+                pruning_ratio=0.0,  # stages not named are not pruned
+                pruning_ratio_dict=_ratio_per_conv(work, stages, ratios, round_to),
+                ignored_layers=ignored,
+                round_to=round_to if round_to > 1 else None,
+                output_transform=_flatten_outputs,
+            )
+            pruner.step()
+    finally:
+        fold_c2f_blocks(work)
+    _check_forward(work)
+    return work.train(was_training)
+
+
+def stage_of_layer(stages: list[Stage]) -> dict[int, str]:
+    """Map each layer index to its stage name."""
+    return {i: s.name for s in stages for i in s.layers}
+
+
+def _ignored_layers(model: DetectionModel) -> list[nn.Module]:
+    ignored = [detect_head(model)]
+    for i in attention_layers(model.model):
+        layer = model.model[i]
+        LOGGER.info(
+            "layer %d (%s) holds self-attention; it is left whole (its input channels may still follow "
+            "the previous layer).",
+            i,
+            type(layer).__name__,
+        )
+        ignored.append(layer)
+    return ignored
+
+
+def _ratio_per_conv(
+    model: DetectionModel, stages: list[Stage], ratios: dict[str, float], round_to: int
+) -> dict[nn.Module, float]:
+    """Ratio for every conv of each stage named, capped so ``round_to`` never rounds a layer to zero."""
+    per_conv: dict[nn.Module, float] = {}
+    for stage in stages:
+        ratio = ratios.get(stage.name, 0.0)
+        if not stage.prunable or ratio <= 0.0:
+            continue
+        for i in stage.layers:
+            for conv in model.model[i].modules():
+                if not isinstance(conv, nn.Conv2d):
+                    continue
+                channels = conv.out_channels
+                if channels <= round_to:
+                    continue  # rounding would leave nothing
+                cap = (channels - round_to) / channels - 1e-9  # keeps at least round_to channels
+                per_conv[conv] = min(ratio, cap)
+    return per_conv
+
+
+def _flatten_outputs(outputs: object) -> list[torch.Tensor]:
+    """Every tensor in a (nested) model output, for tracing heads that return tuples, lists or dicts."""
+    if isinstance(outputs, torch.Tensor):
+        return [outputs]
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    flat: list[torch.Tensor] = []
+    if isinstance(outputs, (list, tuple)):
+        for item in outputs:
+            flat.extend(_flatten_outputs(item))
+    return flat
+
+
+@torch.no_grad()
+def _check_forward(model: DetectionModel) -> None:
+    try:
+        model(torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=next(model.parameters()).device))
+    except Exception as e:  # a broken graph would otherwise surface much later, in training
+        raise YoloPruneError(f"internal error: the pruned model does not run ({type(e).__name__}: {e}).") from e

@@ -1,0 +1,106 @@
+"""Named stages of an Ultralytics detection model.
+
+The backbone is split at each stride-2 downsampling (``backbone.p1`` ... ``backbone.p5``, named by the
+stride level ``2**k`` of their output); everything between the backbone and the head is ``neck``; the
+``Detect`` layer is ``head`` and is never pruned. Strides are measured with a forward pass, so any
+Ultralytics detection YAML works, not only the ones named in the README.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from yoloprune.errors import SearchSpaceError, did_you_mean
+from yoloprune.ultra.models import check_detector
+
+HEAD = "head"
+NECK = "neck"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A contiguous run of model layers pruned with one ratio.
+
+    Attributes:
+        name: e.g. ``backbone.p3``, ``neck`` or ``head``.
+        layers: indices into ``model.model``.
+        prunable: False for the head.
+    """
+
+    name: str
+    layers: tuple[int, ...]
+    prunable: bool = True
+
+
+def find_stages(model: nn.Module, probe_size: int = 128) -> list[Stage]:
+    """Derive the named stages of ``model`` (a DetectionModel)."""
+    model = check_detector(model)
+    layers = model.model
+    n_backbone = len(model.yaml.get("backbone", [])) if isinstance(getattr(model, "yaml", None), dict) else 0
+    if not 0 < n_backbone < len(layers):
+        raise SearchSpaceError("cannot tell the backbone from the head: the model carries no Ultralytics yaml.")
+    strides = _layer_strides(model, probe_size)
+
+    stages: list[Stage] = []
+    current: list[int] = []
+    current_name = ""
+    for i in range(n_backbone):
+        name = f"backbone.p{round(math.log2(strides[i]))}"
+        if name != current_name and current:
+            stages.append(Stage(current_name, tuple(current)))
+            current = []
+        current_name = name
+        current.append(i)
+    if current:
+        stages.append(Stage(current_name, tuple(current)))
+    stages.append(Stage(NECK, tuple(range(n_backbone, len(layers) - 1))))
+    stages.append(Stage(HEAD, (len(layers) - 1,), prunable=False))
+    return stages
+
+
+def prunable_stage_names(model: nn.Module) -> list[str]:
+    """Names of the stages a ratio may be given for (all but the head)."""
+    return [s.name for s in find_stages(model) if s.prunable]
+
+
+def check_ratios(ratios: dict[str, float], stages: Sequence[Stage]) -> None:
+    """Raise :class:`SearchSpaceError` for an unknown stage, the head, or a ratio outside [0, 0.95)."""
+    names = [s.name for s in stages if s.prunable]
+    for name, ratio in ratios.items():
+        if name == HEAD:
+            raise SearchSpaceError("the Detect head is never pruned; remove 'head' from the ratios.")
+        if name not in names:
+            raise SearchSpaceError(
+                f"unknown stage '{name}'.{did_you_mean(name, names)} Valid stages for this model: {', '.join(names)}."
+            )
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 0.95:
+            raise SearchSpaceError(f"ratio {ratio!r} for stage '{name}' is outside [0, 0.95).")
+
+
+@torch.no_grad()
+def _layer_strides(model: nn.Module, size: int) -> list[float]:
+    """Output stride of each layer, measured by one forward pass at ``size`` x ``size``."""
+    heights: dict[int, int] = {}
+    hooks = []
+    for i, layer in enumerate(model.model):
+
+        def hook(_m: nn.Module, _inp: object, out: object, i: int = i) -> None:
+            if isinstance(out, torch.Tensor) and out.ndim == 4:
+                heights[i] = out.shape[-2]
+
+        hooks.append(layer.register_forward_hook(hook))
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        model(torch.zeros(1, 3, size, size, device=device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return [size / heights[i] if i in heights else float("nan") for i in range(len(model.model))]

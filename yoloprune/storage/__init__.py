@@ -1,0 +1,1 @@
+"""Storage: trials, baselines and artifacts in SQL through SQLAlchemy (issue #3)."""

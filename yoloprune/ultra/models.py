@@ -1,0 +1,137 @@
+"""Load Ultralytics detection models from a checkpoint, a model YAML, or a module, and check them.
+
+A model YAML name such as ``yolov8n.yaml`` builds an untrained network from the Ultralytics package's own
+configs (no download); a ``.pt`` path must exist on disk: nothing is ever fetched.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from yoloprune.errors import ModelError
+from yoloprune.ultra.offline import configure_offline
+
+configure_offline()
+
+from ultralytics.nn.modules import Detect  # noqa: E402
+from ultralytics.nn.tasks import (  # noqa: E402
+    DetectionModel,
+    guess_model_task,
+    load_checkpoint,
+)
+
+__all__ = ["DetectionModel", "Detect", "check_detector", "detect_head", "load_detector", "load_checkpoint_dict"]
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+
+
+def load_detector(source: str | Path | nn.Module, *, nc: int | None = None) -> DetectionModel:
+    """Return a detection model in float32 with gradients enabled.
+
+    Args:
+        source: a ``.pt`` checkpoint path, a model YAML (a path, or a name Ultralytics ships such as
+            ``yolov8n.yaml``), or a ``DetectionModel`` already in memory.
+        nc: number of classes when building from a YAML (ignored for checkpoints, which keep theirs).
+
+    Raises:
+        ModelError: the path does not exist, is not a YOLO checkpoint, or the model is not a detector.
+    """
+    if isinstance(source, nn.Module):
+        return check_detector(source)
+    text = str(source)
+    if text.lower().endswith(_YAML_SUFFIXES):
+        model = _build_from_yaml(text, nc)
+    elif text.lower().endswith(".pt"):
+        model = _load_pt(Path(text))
+    else:
+        raise ModelError(
+            f"model '{text}' is neither a .pt checkpoint nor a model YAML. Pass a trained checkpoint "
+            "(e.g. runs/detect/train/weights/best.pt) or an Ultralytics model YAML (e.g. yolov8n.yaml)."
+        )
+    model.float()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return check_detector(model)
+
+
+def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
+    """Return the raw checkpoint dict of a ``.pt`` file (pickled modules: trusted files only)."""
+    path = Path(path)
+    _check_pt_path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises many types for a file that is not a checkpoint
+        raise ModelError(f"'{path}' is not a YOLO checkpoint: torch.load failed ({type(e).__name__}: {e}).") from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
+        raise ModelError(
+            f"'{path}' is not a YOLO checkpoint: expected a dict holding a 'model' or 'ema' module, "
+            f"got {type(ckpt).__name__}. Pass a .pt written by Ultralytics or by yoloprune."
+        )
+    return ckpt
+
+
+def check_detector(model: nn.Module) -> DetectionModel:
+    """Return ``model`` if it is an Ultralytics detection model with a ``Detect`` head, else raise."""
+    if not isinstance(model, DetectionModel):
+        raise ModelError(
+            f"expected an Ultralytics DetectionModel, got {type(model).__name__}. yoloprune prunes object "
+            "detectors (YOLOv5u, YOLOv8, YOLO11 and relatives); classification models are not supported."
+        )
+    task = getattr(model, "task", None) or guess_model_task(model)
+    if task != "detect" or not isinstance(detect_head(model), Detect):
+        raise ModelError(
+            f"the model is a '{task}' model ({type(model).__name__}, head {type(model.model[-1]).__name__}); "
+            "yoloprune supports detection models only (task 'detect')."
+        )
+    return model
+
+
+def detect_head(model: DetectionModel) -> nn.Module:
+    """The model's last layer (its ``Detect`` head)."""
+    return model.model[-1]
+
+
+def _check_pt_path(path: Path) -> None:
+    if not path.exists():
+        raise ModelError(
+            f"checkpoint '{path}' does not exist. Give the path to a trained .pt file; yoloprune never downloads "
+            "weights. To start from an untrained architecture pass a model YAML such as yolov8n.yaml."
+        )
+    if not path.is_file():
+        raise ModelError(f"checkpoint '{path}' is not a file.")
+
+
+def _load_pt(path: Path) -> DetectionModel:
+    _check_pt_path(path)
+    load_checkpoint_dict(path)  # clear errors for files that are not YOLO checkpoints
+    try:
+        model, _ = load_checkpoint(str(path))
+    except Exception as e:
+        raise ModelError(f"'{path}' could not be loaded as a YOLO checkpoint ({type(e).__name__}: {e}).") from e
+    return model
+
+
+def _build_from_yaml(cfg: str, nc: int | None) -> DetectionModel:
+    from ultralytics.nn.tasks import yaml_model_load
+
+    try:
+        spec = yaml_model_load(cfg)
+    except FileNotFoundError as e:
+        raise ModelError(
+            f"model YAML '{cfg}' was found neither on disk nor among the Ultralytics configs. Use a path to your "
+            "YAML or a shipped name such as yolov8n.yaml, yolo11s.yaml, yolov5nu.yaml."
+        ) from e
+    head = spec.get("head") or []
+    last = str(head[-1][2]) if head else "?"
+    if last not in {"Detect", "v10Detect"}:
+        raise ModelError(
+            f"model YAML '{cfg}' ends in a '{last}' head; yoloprune supports detection models only (Detect head)."
+        )
+    try:
+        return DetectionModel(spec, nc=nc, verbose=False)
+    except Exception as e:
+        raise ModelError(f"model YAML '{cfg}' could not be built ({type(e).__name__}: {e}).") from e
