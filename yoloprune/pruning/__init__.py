@@ -1,6 +1,6 @@
 """Pruning core: named stages, structured per-stage pruning, cost metrics."""
 
-from yoloprune.pruning.costs import Costs, count_flops, count_params, measure_costs
+from yoloprune.pruning.costs import Costs, count_flops, count_params, flops_by_module, measure_costs
 from yoloprune.pruning.prune import IMPORTANCES, prune
 from yoloprune.pruning.stages import Stage, find_stages, prunable_stage_names
 
@@ -11,6 +11,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "find_stages",
+    "flops_by_module",
     "measure_costs",
     "prunable_stage_names",
     "prune",

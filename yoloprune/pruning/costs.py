@@ -34,12 +34,14 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
-def count_flops(model: nn.Module, imgsz: int, *, per_module: bool = False) -> float | dict[str, float]:
-    """FLOPs of one forward pass on a ``1x3ximgszximgsz`` input, counted by ``torch.utils.flop_counter``.
+def count_flops(model: nn.Module, imgsz: int) -> float:
+    """FLOPs of one forward pass on a ``1x3ximgszximgsz`` input, counted by ``torch.utils.flop_counter``."""
+    return flops_by_module(model, imgsz)[""]
 
-    With ``per_module=True`` returns ``{module name: FLOPs}`` (names relative to ``model``; ``""`` is the total).
-    """
+
+@torch.no_grad()
+def flops_by_module(model: nn.Module, imgsz: int) -> dict[str, float]:
+    """``{module name: FLOPs}`` of one forward pass (names relative to ``model``; ``""`` is the total)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -49,13 +51,11 @@ def count_flops(model: nn.Module, imgsz: int, *, per_module: bool = False) -> fl
             model(torch.zeros(1, 3, imgsz, imgsz, device=device))
     finally:
         model.train(was_training)
-    if not per_module:
-        return float(counter.get_total_flops())
     root = type(model).__name__
-    out: dict[str, float] = {}
+    out: dict[str, float] = {"": float(counter.get_total_flops())}
     for name, counts in counter.get_flop_counts().items():
-        key = "" if name in ("Global", root) else name.removeprefix(f"{root}.")
-        out[key] = float(sum(counts.values()))
+        if name not in ("Global", root):
+            out[name.removeprefix(f"{root}.")] = float(sum(counts.values()))
     return out
 
 
@@ -70,7 +70,7 @@ def measure_costs(model: nn.Module, imgsz: int) -> Costs:
     """Parameters, GFLOPs at ``imgsz`` and fp16 checkpoint size of ``model``."""
     return Costs(
         params=count_params(model),
-        gflops=count_flops(model, imgsz) / 1e9,  # type: ignore[operator]
+        gflops=count_flops(model, imgsz) / 1e9,
         imgsz=imgsz,
         size_mb=checkpoint_size_mb(model),
     )

@@ -62,8 +62,8 @@ def prune(
     """
     model = check_detector(model)
     stages = find_stages(model)
+    check_ratios(dict(ratios_by_stage), stages)
     ratios = {k: float(v) for k, v in ratios_by_stage.items()}
-    check_ratios(ratios, stages)
     if importance not in IMPORTANCES:
         raise SearchSpaceError(
             f"unknown importance '{importance}'.{did_you_mean(importance, IMPORTANCES)} "

@@ -83,15 +83,15 @@ def check_ratios(ratios: dict[str, float], stages: Sequence[Stage]) -> None:
 
 
 @torch.no_grad()
-def _layer_strides(model: nn.Module, size: int) -> list[float]:
-    """Output stride of each layer, measured by one forward pass at ``size`` x ``size``."""
-    heights: dict[int, int] = {}
+def layer_output_shapes(model: nn.Module, size: int = 128) -> list[tuple[int, int, int] | None]:
+    """``(channels, height, width)`` of each layer's output for a ``size`` x ``size`` input (None: not a map)."""
+    shapes: dict[int, tuple[int, int, int]] = {}
     hooks = []
     for i, layer in enumerate(model.model):
 
         def hook(_m: nn.Module, _inp: object, out: object, i: int = i) -> None:
             if isinstance(out, torch.Tensor) and out.ndim == 4:
-                heights[i] = out.shape[-2]
+                shapes[i] = (int(out.shape[1]), int(out.shape[2]), int(out.shape[3]))
 
         hooks.append(layer.register_forward_hook(hook))
     was_training = model.training
@@ -103,4 +103,8 @@ def _layer_strides(model: nn.Module, size: int) -> list[float]:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return [size / heights[i] if i in heights else float("nan") for i in range(len(model.model))]
+    return [shapes.get(i) for i in range(len(model.model))]
+
+
+def _layer_strides(model: nn.Module, size: int) -> list[float]:
+    return [size / shape[1] if shape else float("nan") for shape in layer_output_shapes(model, size)]

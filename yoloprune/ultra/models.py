@@ -24,7 +24,14 @@ from ultralytics.nn.tasks import (  # noqa: E402
     load_checkpoint,
 )
 
-__all__ = ["DetectionModel", "Detect", "check_detector", "detect_head", "load_detector", "load_checkpoint_dict"]
+__all__ = [
+    "Detect",
+    "DetectionModel",
+    "check_detector",
+    "detect_head",
+    "load_checkpoint_dict",
+    "load_detector",
+]
 
 _YAML_SUFFIXES = (".yaml", ".yml")
 

@@ -1,0 +1,40 @@
+"""Shared fixtures. Everything runs offline on tiny models built from Ultralytics YAMLs and tiny
+generated datasets; ``YOLOPRUNE_HOME`` points at a per-session folder so no test reads user caches."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HOME = Path(tempfile.mkdtemp(prefix="yoloprune-test-home-"))
+os.environ["YOLOPRUNE_HOME"] = str(_HOME)
+os.environ.pop("YOLO_CONFIG_DIR", None)
+
+from yoloprune.data import SyntheticSpec, generate_dataset  # noqa: E402
+
+TINY = SyntheticSpec(n_train=24, n_val=12, imgsz=128, seed=1)
+MODELS = ["yolov5nu.yaml", "yolov8n.yaml", "yolo11n.yaml"]
+
+
+@pytest.fixture(scope="session")
+def home() -> Path:
+    return _HOME
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """YAML of a 24/12-image synthetic dataset at 128 px."""
+    return generate_dataset(tmp_path_factory.mktemp("data") / "tiny", TINY)
+
+
+@pytest.fixture(scope="session")
+def plain_env(home: Path) -> dict[str, str]:
+    """Environment for a fresh process that uses plain Ultralytics, offline, with no yoloprune import."""
+    from yoloprune.ultra.offline import ultralytics_config_dir
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOPRUNE", "PYTHONPATH"))}
+    env.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_CONFIG_DIR": str(ultralytics_config_dir())})
+    return env

@@ -1,0 +1,64 @@
+"""The Ultralytics and Torch-Pruning internals yoloprune's adapter relies on. When an upgrade moves one of
+these, this file fails first and names what moved, instead of a trial failing deep inside a search."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch_pruning as tp
+import ultralytics.utils as uu
+import ultralytics.utils.checks as uc
+import ultralytics.utils.torch_utils as ut
+from ultralytics.engine.trainer import BaseTrainer
+from ultralytics.models.yolo.detect import DetectionTrainer, DetectionValidator
+from ultralytics.nn.modules import C2f, C3k2
+
+import yoloprune.ultra  # noqa: F401  (switches Ultralytics offline before the imports below)
+
+
+def test_offline_switches_exist():
+    for module, name in [
+        (uu, "ONLINE"),
+        (uc, "ONLINE"),
+        (uc, "AUTOINSTALL"),
+        (ut, "NUM_THREADS"),
+        (uu, "USER_CONFIG_DIR"),
+        (uu, "SETTINGS"),
+    ]:
+        assert hasattr(module, name), f"{module.__name__}.{name} is gone"
+    assert uu.ONLINE is False and uc.AUTOINSTALL is False
+    assert uu.SETTINGS["sync"] is False
+    assert (uu.USER_CONFIG_DIR / "Arial.ttf").exists() and (uu.USER_CONFIG_DIR / "Arial.Unicode.ttf").exists()
+    assert "check_font" in dir(uc)
+
+
+def test_c2f_still_chunks_and_keeps_its_attributes():
+    src = inspect.getsource(C2f.forward)
+    assert ".chunk(2, 1)" in src, "C2f.forward changed; revisit yoloprune.ultra.blocks.SplitC2f"
+    block = C2f(16, 16, n=1)
+    assert {"cv1", "cv2", "m", "c"} <= set(vars(block)["_modules"]) | set(vars(block))
+    assert issubclass(C3k2, C2f)
+
+
+def test_trainer_uses_a_module_it_is_given():
+    src = inspect.getsource(BaseTrainer.setup_model)
+    assert "isinstance(self.model, torch.nn.Module)" in src, "setup_model no longer keeps a preset module"
+    assert "cfg" in inspect.signature(DetectionTrainer.get_model).parameters
+    assert "on_fit_epoch_end" in inspect.getsource(BaseTrainer)
+
+
+def test_validator_and_metrics_api():
+    params = inspect.signature(DetectionValidator.__init__).parameters
+    assert "args" in params
+    from ultralytics.utils.metrics import DetMetrics
+
+    for name in ("ap_class_index", "nt_per_class", "box"):
+        assert name in inspect.getsource(DetMetrics), f"DetMetrics.{name} is gone"
+
+
+def test_torch_pruning_api():
+    params = inspect.signature(tp.pruner.BasePruner.__init__).parameters
+    for name in ("pruning_ratio", "pruning_ratio_dict", "ignored_layers", "round_to", "output_transform"):
+        assert name in params, f"BasePruner lost {name}"
+    for name in ("GroupMagnitudeImportance", "BNScaleImportance", "RandomImportance"):
+        assert hasattr(tp.importance, name)

@@ -1,0 +1,81 @@
+"""The ``yoloprune`` CLI: tables, pruning, the dataset command, and clean errors (exit code 2)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from yoloprune.cli import main
+
+
+def test_stages_prints_every_stage(capsys):
+    assert main(["stages", "yolo11n.yaml", "--imgsz", "320"]) == 0
+    out = capsys.readouterr().out
+    for name in ("backbone.p1", "backbone.p3", "backbone.p5", "neck", "head", "C2PSA", "flops_%"):
+        assert name in out
+
+
+def test_prune_uniform_and_per_stage(tmp_path, capsys):
+    out = tmp_path / "u.pt"
+    assert main(["prune", "yolov8n.yaml", "--uniform", "0.3", "--round-to", "8", "-o", str(out)]) == 0
+    assert out.exists() and "GFLOPs" in capsys.readouterr().out
+    out2 = tmp_path / "s.pt"
+    assert main(["prune", str(out), "--ratio", "neck=0.5", "--ratio", "backbone.p5=0.2", "-o", str(out2)]) == 0
+    assert out2.stat().st_size < out.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["prune", "yolov8n.yaml", "--ratio", "bogus=0.3", "-o", "x.pt"], "unknown stage 'bogus'"),
+        (["prune", "yolov8n.yaml", "--ratio", "neck", "-o", "x.pt"], "not STAGE=RATIO"),
+        (["prune", "yolov8n.yaml", "--uniform", "0.97", "-o", "x.pt"], "outside [0, 0.95)"),
+        (["prune", "yolov8n.yaml", "-o", "x.pt"], "no ratios"),
+        (["stages", "missing.pt"], "does not exist"),
+        (["stages", "yolov8n-cls.yaml"], "detection models only"),
+    ],
+)
+def test_bad_input_exits_2_with_a_clear_message(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_dataset_command(tmp_path):
+    assert main(["dataset", str(tmp_path / "ds"), "--train", "4", "--val", "2", "--imgsz", "64"]) == 0
+    assert len(list((tmp_path / "ds" / "images" / "train").glob("*.jpg"))) == 4
+
+
+@pytest.mark.slow
+def test_real_cli_prune_finetune_val(tmp_path, tiny_data):
+    exe = [sys.executable, "-m", "yoloprune.cli"]
+    run = lambda *a: subprocess.run([*exe, *a], cwd=tmp_path, capture_output=True, text=True, timeout=600)  # noqa: E731
+    # A 6-class model for this dataset, then prune, fine-tune and validate through the real CLI.
+    from yoloprune.ultra.checkpoint import save_checkpoint
+    from yoloprune.ultra.models import load_detector
+
+    save_checkpoint(load_detector("yolov5nu.yaml", nc=6), tmp_path / "base.pt")
+    assert run("prune", "base.pt", "--uniform", "0.4", "-o", "p.pt").returncode == 0
+    p = run(
+        "finetune",
+        "p.pt",
+        "--data",
+        str(tiny_data),
+        "--epochs",
+        "1",
+        "--imgsz",
+        "128",
+        "-o",
+        "t.pt",
+        "--device",
+        "cpu",
+        "--project",
+        str(tmp_path / "runs"),
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    p = run("val", "t.pt", "--data", str(tiny_data), "--imgsz", "128", "--device", "cpu")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "mAP50-95" in p.stdout and "cross" in p.stdout

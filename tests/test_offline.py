@@ -1,0 +1,56 @@
+"""No network: the real CLI trains, fine-tunes, validates and saves (``yoloprune demo --quick``), and plain
+Ultralytics exports the result to ONNX, in a process where every network touch is recorded and refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+TESTS = Path(__file__).parent
+
+
+def _guarded_run(code: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    log = tmp_path / "netguard.json"
+    env = {**env, "NETGUARD_LOG": str(log), "PYTHONPATH": str(TESTS)}
+    proc = subprocess.run(
+        [sys.executable, "-c", "import _netguard\n" + code],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    return proc, json.loads(log.read_text()) if log.exists() else ["netguard log missing"]
+
+
+def test_guard_catches_a_connection(tmp_path):
+    proc, attempts = _guarded_run(
+        "import urllib.request\ntry:\n urllib.request.urlopen('http://example.com', timeout=2)\nexcept Exception: pass",
+        tmp_path,
+        dict(os.environ),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert any("example.com" in a for a in attempts)
+
+
+def test_train_val_export_touch_no_network(tmp_path, home):
+    code = (
+        "import sys\n"
+        "from yoloprune.cli import main\n"
+        f"assert main(['demo', '--quick', '--output', {str(tmp_path / 'demo')!r}, '--device', 'cpu']) == 0\n"
+        "from ultralytics import YOLO\n"
+        f"YOLO({str(tmp_path / 'demo' / 'uniform_0.3.pt')!r}).export(format='onnx', imgsz=128)\n"
+    )
+    env = {**os.environ, "YOLOPRUNE_HOME": str(home)}
+    proc, attempts = _guarded_run(code, tmp_path, env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert attempts == [], attempts
+    assert (tmp_path / "demo" / "uniform_0.3.onnx").exists()
+    assert (tmp_path / "demo" / "demo.csv").read_text().count("\n") == 4  # header + base + 3 pruned

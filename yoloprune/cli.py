@@ -1,0 +1,218 @@
+"""Command-line interface: ``yoloprune <command> ...``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from yoloprune.errors import ConfigError, YoloPruneError
+from yoloprune.log import get_logger, set_verbosity
+
+LOGGER = get_logger("cli")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the process exit code (2 for a user error)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quiet:
+        set_verbosity("WARNING")
+    try:
+        return int(args.func(args) or 0)
+    except YoloPruneError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="yoloprune", description=__doc__)
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("stages", help="print a model's named stages with channels, params and FLOPs share")
+    s.add_argument("model", help="a .pt checkpoint or a model YAML (e.g. yolov8n.yaml)")
+    s.add_argument("--imgsz", type=int, default=640, help="image size for FLOPs (default 640)")
+    s.set_defaults(func=_cmd_stages)
+
+    s = sub.add_parser("prune", help="prune a model once with given per-stage ratios and save it")
+    s.add_argument("model", help="a .pt checkpoint or a model YAML")
+    s.add_argument("-o", "--output", required=True, help="where to write the pruned .pt")
+    s.add_argument("--ratio", action="append", default=[], metavar="STAGE=R", help="e.g. backbone.p3=0.3 (repeat)")
+    s.add_argument("--uniform", type=float, help="the same ratio for every prunable stage")
+    s.add_argument("--importance", default="l1", help="l1, l2, bn_scale or random (default l1)")
+    s.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of N (default 1)")
+    s.add_argument("--imgsz", type=int, default=640, help="image size for FLOPs (default 640)")
+    s.set_defaults(func=_cmd_prune)
+
+    s = sub.add_parser("finetune", help="fine-tune a (pruned) checkpoint without rebuilding it, then save it")
+    s.add_argument("model", help="a .pt checkpoint")
+    s.add_argument("--data", required=True, help="dataset YAML")
+    s.add_argument("-o", "--output", required=True, help="where to write the fine-tuned .pt")
+    s.add_argument("--epochs", type=int, default=10)
+    s.add_argument("--imgsz", type=int, default=640)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--device", default=None, help="cpu, 0, 0,1 ... (default: cuda:0 if available)")
+    s.add_argument("--project", default="runs/yoloprune", help="training run folder")
+    s.set_defaults(func=_cmd_finetune)
+
+    s = sub.add_parser("val", help="validate a checkpoint: mAP50, mAP50-95 and per-class AP")
+    s.add_argument("model", help="a .pt checkpoint")
+    s.add_argument("--data", required=True, help="dataset YAML")
+    s.add_argument("--imgsz", type=int, default=640)
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=_cmd_val)
+
+    s = sub.add_parser("dataset", help="generate the built-in synthetic detection dataset")
+    s.add_argument("output", help="folder to write (must be empty or a previous synthetic set)")
+    s.add_argument("--train", type=int, default=400, help="training images (default 400)")
+    s.add_argument("--val", type=int, default=100, help="validation images (default 100)")
+    s.add_argument("--imgsz", type=int, default=256, help="image side (default 256)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_dataset)
+
+    s = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic dataset")
+    s.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")
+    s.add_argument("--quick", action="store_true", help="a tiny, fast version (used by the tests)")
+    s.add_argument("--device", default=None)
+    s.set_defaults(func=_cmd_demo)
+    return p
+
+
+def default_device(device: str | None) -> str:
+    """``device`` if given, else ``"0"`` when CUDA is available, else ``"cpu"``."""
+    if device:
+        return device
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def parse_ratios(pairs: Sequence[str]) -> dict[str, float]:
+    """``["backbone.p3=0.3", ...]`` -> ``{"backbone.p3": 0.3}``."""
+    ratios: dict[str, float] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            ratios[name.strip()] = float(value)
+        except ValueError:
+            raise ConfigError(f"--ratio '{pair}' is not STAGE=RATIO (e.g. backbone.p3=0.3).") from None
+    return ratios
+
+
+def _table(df: object) -> str:
+    import pandas as pd
+
+    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
+        return df.to_string(index=False)  # type: ignore[attr-defined]
+
+
+def _cmd_stages(args: argparse.Namespace) -> int:
+    from yoloprune.pruning.report import stage_table
+    from yoloprune.ultra.models import load_detector
+
+    print(_table(stage_table(load_detector(args.model), args.imgsz)))
+    return 0
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    from yoloprune.pruning import find_stages, measure_costs, prune
+    from yoloprune.ultra.checkpoint import save_checkpoint
+    from yoloprune.ultra.models import load_detector
+
+    model = load_detector(args.model)
+    ratios = parse_ratios(args.ratio)
+    if args.uniform is not None:
+        if ratios:
+            raise ConfigError("give either --uniform or --ratio, not both.")
+        ratios = {s.name: args.uniform for s in find_stages(model) if s.prunable}
+    if not ratios:
+        raise ConfigError("no ratios: pass --uniform R or one or more --ratio STAGE=R.")
+    before = measure_costs(model, args.imgsz)
+    pruned = prune(model, ratios, importance=args.importance, round_to=args.round_to)
+    after = measure_costs(pruned, args.imgsz)
+    metadata = {
+        "ratios": ratios,
+        "importance": args.importance,
+        "round_to": args.round_to,
+        "source": str(args.model),
+        "base": {"params": before.params, "gflops": before.gflops, "imgsz": args.imgsz},
+    }
+    path = save_checkpoint(pruned, args.output, metadata=metadata)
+    print(f"params  {before.params:>12,d} -> {after.params:>12,d}  ({after.params / before.params:.1%})")
+    print(
+        f"GFLOPs  {before.gflops:>12.3f} -> {after.gflops:>12.3f}  ({after.gflops / before.gflops:.1%}) at {args.imgsz}"
+    )
+    print(f"saved   {path}  ({path.stat().st_size / 1e6:.2f} MB)")
+    print("note: pruned weights need fine-tuning: yoloprune finetune", path, "--data YOUR.yaml -o tuned.pt")
+    return 0
+
+
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    from yoloprune.ultra.checkpoint import read_metadata, save_checkpoint
+    from yoloprune.ultra.models import load_detector
+    from yoloprune.ultra.train import finetune
+
+    model = load_detector(args.model)
+    result = finetune(
+        model,
+        args.data,
+        epochs=args.epochs,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device=default_device(args.device),
+        project=args.project,
+        name=Path(args.output).stem,
+    )
+    metadata = {**read_metadata(args.model), "finetune": {"epochs": args.epochs, "history": result.epochs}}
+    path = save_checkpoint(
+        result.model, args.output, train_args={"data": args.data, "imgsz": args.imgsz}, metadata=metadata
+    )
+    print(f"saved {path}")
+    return 0
+
+
+def _cmd_val(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from yoloprune.ultra.models import load_detector
+    from yoloprune.ultra.val import validate
+
+    result = validate(
+        load_detector(args.model),
+        args.data,
+        imgsz=args.imgsz,
+        batch=args.batch,
+        device=default_device(args.device),
+    )
+    print(f"mAP50 {result.map50:.4f}  mAP50-95 {result.map50_95:.4f}  P {result.precision:.4f}  R {result.recall:.4f}")
+    print(_table(pd.DataFrame([vars(c) for c in result.per_class.values()])))
+    return 0
+
+
+def _cmd_dataset(args: argparse.Namespace) -> int:
+    from yoloprune.data import SyntheticSpec, generate_dataset
+
+    path = generate_dataset(
+        args.output, SyntheticSpec(n_train=args.train, n_val=args.val, imgsz=args.imgsz, seed=args.seed)
+    )
+    print(f"dataset written: {path}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from yoloprune.demo import run_demo
+
+    run_demo(Path(args.output), quick=args.quick, device=default_device(args.device))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

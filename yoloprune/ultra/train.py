@@ -1,0 +1,140 @@
+"""Fine-tune a pruned model with the Ultralytics trainer without it rebuilding the unpruned network.
+
+``YOLO(pruned).train()`` silently rebuilds the full model from the stored YAML and transfers only the
+weights whose shapes still match (../shared/FINDINGS.md). :class:`PrunedDetectionTrainer` hands the
+trainer the pruned module itself, and :func:`finetune` checks the parameter count did not change.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from yoloprune.data.check import DatasetInfo, inspect_dataset
+from yoloprune.errors import EvaluatorError
+from yoloprune.log import get_logger
+from yoloprune.pruning.costs import count_params
+from yoloprune.ultra.offline import configure_offline
+from yoloprune.ultra.val import check_classes
+
+configure_offline()
+
+from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.nn.tasks import load_checkpoint  # noqa: E402
+
+LOGGER = get_logger(__name__)
+
+#: Defaults for a short fine-tune of an already trained, pruned network (any can be overridden).
+FINETUNE_DEFAULTS: dict[str, Any] = {
+    "warmup_epochs": 0,  # the warm-up's high bias LR undoes what the pruned net still knows
+    "plots": False,
+    "val": True,
+    "verbose": False,
+    "exist_ok": True,
+    "deterministic": True,
+    "seed": 0,
+}
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+class PrunedDetectionTrainer(DetectionTrainer):
+    """A DetectionTrainer that trains the module it is given, never one rebuilt from a YAML."""
+
+    def __init__(self, model: nn.Module, overrides: dict[str, Any]) -> None:
+        self._pruned = model
+        super().__init__(overrides=overrides)
+        self.model = model
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        return self._pruned
+
+
+@dataclass
+class FinetuneResult:
+    """What a fine-tune produced.
+
+    Attributes:
+        model: the best-fitness weights (stock Ultralytics modules, float32, eval mode).
+        epochs: per-epoch validation metrics, ``{"map50": .., "map50_95": ..}``.
+        best: path of the trainer's ``best.pt``.
+    """
+
+    model: nn.Module
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    best: Path | None = None
+
+
+def finetune(
+    model: nn.Module,
+    data: str | Path | DatasetInfo,
+    *,
+    epochs: int,
+    imgsz: int,
+    project: str | Path,
+    name: str = "finetune",
+    batch: int = 16,
+    device: str = "cpu",
+    workers: int = 0,
+    on_epoch: EpochCallback | None = None,
+    **overrides: Any,
+) -> FinetuneResult:
+    """Fine-tune ``model`` (a copy) for ``epochs`` on ``data``; returns the best weights and per-epoch mAP.
+
+    Args:
+        on_epoch: called after each epoch's validation with ``(epoch, {"map50", "map50_95"})``;
+            it may raise to stop the run (e.g. ``optuna.TrialPruned``), which propagates.
+        overrides: any Ultralytics training argument (``lr0``, ``mosaic``, ``optimizer``...).
+    """
+    if epochs < 1:
+        raise EvaluatorError(f"epochs must be >= 1, got {epochs}.")
+    info = data if isinstance(data, DatasetInfo) else inspect_dataset(data)
+    check_classes(model, info)
+    project = Path(project).resolve()
+    work = copy.deepcopy(model).float().train()
+    params = count_params(work)
+    args = {
+        **FINETUNE_DEFAULTS,
+        "model": "yoloprune_pruned",  # a label only: the trainer gets the module, never loads this
+        "data": str(info.write_resolved(project / name)),
+        "epochs": epochs,
+        "imgsz": imgsz,
+        "batch": batch,
+        "device": device,
+        "workers": workers,
+        "project": str(project),
+        "name": name,
+        "amp": device not in ("cpu", "mps"),
+        **overrides,
+    }
+    trainer = PrunedDetectionTrainer(work, args)
+    history: list[dict[str, float]] = []
+
+    def _epoch_end(tr: DetectionTrainer) -> None:
+        if tr.epoch >= tr.epochs:  # final_eval re-runs this callback with epoch + 1
+            return
+        metrics = {
+            "map50": float(tr.metrics.get("metrics/mAP50(B)", 0.0)),
+            "map50_95": float(tr.metrics.get("metrics/mAP50-95(B)", 0.0)),
+        }
+        history.append(metrics)
+        if on_epoch is not None:
+            on_epoch(tr.epoch, metrics)
+
+    trainer.add_callback("on_fit_epoch_end", _epoch_end)
+    trainer.train()
+
+    best = Path(trainer.best) if Path(trainer.best).exists() else Path(trainer.last)
+    trained, _ = load_checkpoint(str(best))
+    trained = trained.float()
+    if count_params(trained) != params:
+        raise EvaluatorError(
+            f"fine-tuning changed the architecture ({params} -> {count_params(trained)} parameters): the trainer "
+            "rebuilt the model. This is a bug in yoloprune's Ultralytics adapter; please report it."
+        )
+    return FinetuneResult(trained, history, best)
