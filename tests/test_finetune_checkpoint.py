@@ -85,7 +85,7 @@ def test_saved_checkpoints_load_in_plain_ultralytics(tuned, tiny_data, plain_env
             ckpt, _ = torch_safe_load(path, safe_only=True)  # allow-list of stock classes only
             out[cfg] = {{"map50_95": float(metrics.box.map), "params": sum(p.numel() for p in model.model.parameters()),
                          "safe_load": ckpt["model"] is not None}}
-        onnx = YOLO(paths["yolov8n.yaml"]).export(format="onnx", imgsz=128)
+        onnx = YOLO({paths["yolov8n.yaml"]!r}).export(format="onnx", imgsz=128)
         out["onnx"] = str(onnx)
         out["imported"] = sorted(m for m in sys.modules if m == "yoloprune" or m.startswith("yoloprune."))
         print("RESULT" + json.dumps(out))

@@ -3,6 +3,7 @@ Ultralytics exports the result to ONNX, in a process where every network touch i
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -53,4 +54,6 @@ def test_train_val_export_touch_no_network(tmp_path, home):
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert attempts == [], attempts
     assert (tmp_path / "demo" / "uniform_0.3.onnx").exists()
-    assert (tmp_path / "demo" / "demo.csv").read_text().count("\n") == 4  # header + base + 3 pruned
+    with open(tmp_path / "demo" / "demo.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["model"] for r in rows][0] == "base" and len(rows) == 4  # base + 3 pruned
