@@ -56,4 +56,4 @@ def test_train_val_export_touch_no_network(tmp_path, home):
     assert (tmp_path / "demo" / "uniform_0.3.onnx").exists()
     with open(tmp_path / "demo" / "demo.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["model"] for r in rows][0] == "base" and len(rows) == 4  # base + 3 pruned
+    assert rows[0]["model"] == "base" and len(rows) == 4  # base + 3 pruned
