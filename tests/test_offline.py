@@ -1,5 +1,6 @@
-"""No network: the real CLI trains, fine-tunes, validates and saves (``yoloprune demo --quick``), and plain
-Ultralytics exports the result to ONNX, in a process where every network touch is recorded and refused."""
+"""No network: the real CLI trains a base model, searches, fine-tunes, validates and saves
+(``yoloprune demo --quick``, the reduced demo CI runs end to end), and plain Ultralytics exports a trial's
+checkpoint to ONNX, in a process where every network touch is recorded and refused."""
 
 from __future__ import annotations
 
@@ -47,13 +48,14 @@ def test_train_val_export_touch_no_network(tmp_path, home):
         "from yoloprune.cli import main\n"
         f"assert main(['demo', '--quick', '--output', {str(tmp_path / 'demo')!r}, '--device', 'cpu']) == 0\n"
         "from ultralytics import YOLO\n"
-        f"YOLO({str(tmp_path / 'demo' / 'uniform_0.3.pt')!r}).export(format='onnx', imgsz=128)\n"
+        f"YOLO({str(tmp_path / 'demo' / 'trials' / 'trial_0000.pt')!r}).export(format='onnx', imgsz=128)\n"
     )
     env = {**os.environ, "YOLOPRUNE_HOME": str(home)}
     proc, attempts = _guarded_run(code, tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert attempts == [], attempts
-    assert (tmp_path / "demo" / "uniform_0.3.onnx").exists()
-    with open(tmp_path / "demo" / "demo.csv") as f:
+    assert (tmp_path / "demo" / "trials" / "trial_0000.onnx").exists()
+    with open(tmp_path / "demo" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert rows[0]["model"] == "base" and len(rows) == 4  # base + 3 pruned
+    assert [r["state"] for r in rows] == ["complete"] * 3
+    assert "Pareto front" in proc.stdout and "baseline: mAP50-95" in proc.stdout

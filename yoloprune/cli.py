@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from yoloprune.device import default_device
 from yoloprune.errors import ConfigError, YoloPruneError
 from yoloprune.log import get_logger, set_verbosity
 
@@ -76,21 +77,37 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=_cmd_dataset)
 
-    s = sub.add_parser("demo", help="the built-in end-to-end demo on the synthetic dataset")
+    s = sub.add_parser("search", help="run (or resume) the search an experiment config describes")
+    s.add_argument("config", help="experiment YAML (see experiments/)")
+    s.add_argument("--trials", type=int, help="override budget.trials")
+    s.add_argument("--storage", help="override the storage URL")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' own output")
+    s.set_defaults(func=_cmd_search)
+
+    s = sub.add_parser("results", help="print an experiment's Pareto front and write trials.csv")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("--storage", help="override the storage URL")
+    s.add_argument("--all", action="store_true", help="print every trial, not only the front")
+    s.set_defaults(func=_cmd_results)
+
+    s = sub.add_parser("demo", help="the built-in demo: synthetic data, a cached base model, a search, its front")
     s.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")
     s.add_argument("--quick", action="store_true", help="a tiny, fast version (used by the tests)")
+    s.add_argument("--trials", type=int, help="override the number of trials")
     s.add_argument("--device", default=None)
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(func=_cmd_demo)
     return p
 
 
-def default_device(device: str | None) -> str:
-    """``device`` if given, else ``"0"`` when CUDA is available, else ``"cpu"``."""
-    if device:
-        return device
-    import torch
-
-    return "0" if torch.cuda.is_available() else "cpu"
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if getattr(args, "trials", None):
+        out["budget"] = {"trials": args.trials}
+    if getattr(args, "storage", None):
+        out["storage"] = args.storage
+    return out
 
 
 def parse_ratios(pairs: Sequence[str]) -> dict[str, float]:
@@ -207,10 +224,75 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from yoloprune.demo import run_demo
+def _cmd_search(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search.runner import run_search
 
-    run_demo(Path(args.output), quick=args.quick, device=default_device(args.device))
+    config = load_config(args.config, _overrides(args))
+    try:
+        run_search(config, progress=not args.no_progress, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are kept; run the same command again to resume.", file=sys.stderr)
+        _print_results(config)
+        return 130
+    _print_results(config)
+    return 0
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+
+    _print_results(load_config(args.config, _overrides(args)), show_all=args.all)
+    return 0
+
+
+def _print_results(config: object, show_all: bool = False) -> None:
+    from yoloprune.search.optuna_engine import open_study
+    from yoloprune.search.results import front_table, pareto_front, summary_counts, trials_frame
+    from yoloprune.storage import Store
+
+    study = open_study(config, create=False)  # type: ignore[arg-type]
+    trials = trials_frame(study)
+    out = config.output_dir  # type: ignore[attr-defined]
+    out.mkdir(parents=True, exist_ok=True)
+    trials.to_csv(out / "trials.csv", index=False)
+    store = Store(config.storage_url)  # type: ignore[attr-defined]
+    exp_id = store.find_experiment(config.name)  # type: ignore[attr-defined]
+    base = store.latest_baseline(exp_id) if exp_id is not None else None
+    counts = summary_counts(trials)
+    print(f"\nexperiment '{config.name}': " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "complete"))  # type: ignore[attr-defined]
+    if base:
+        print(
+            f"baseline: mAP50-95 {base['map50_95']:.4f}  mAP50 {base['map50']:.4f}  GFLOPs {base['gflops']:.3f}  params {int(base['params']):,d}"
+        )
+    constraints = ", ".join(c.describe() for c in config.constraints) or "none"  # type: ignore[attr-defined]
+    front = pareto_front(trials, config)  # type: ignore[arg-type]
+    if show_all:
+        print(_table(trials))
+    elif front.empty:
+        print(
+            f"no feasible trial yet (constraints: {constraints}). `yoloprune results CONFIG --all` lists every trial."
+        )
+    else:
+        print(f"Pareto front (feasible: {constraints}):")
+        print(_table(front_table(front)))
+    print(f"\ntrials.csv, per-trial checkpoints and the study database are in {out}")
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from yoloprune.demo import demo_config
+
+    config = demo_config(Path(args.output), quick=args.quick, device=args.device, trials=args.trials)
+    from yoloprune.search.runner import run_search
+
+    try:
+        run_search(config, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished trials are kept; run `make demo` again to resume.", file=sys.stderr)
+        return 130
+    finally:
+        print(f"demo config: {config.output_dir / 'experiment.yaml'}")
+    _print_results(config)
     return 0
 
 

@@ -14,9 +14,12 @@ What it switches off, measured in ../shared/FINDINGS.md:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from yoloprune.log import get_logger
@@ -80,3 +83,16 @@ def _install_fonts(config_dir: Path) -> None:
             tmp = target.with_suffix(".tmp")
             shutil.copyfile(source, tmp)
             tmp.replace(target)
+
+
+@contextlib.contextmanager
+def ultralytics_quiet(quiet: bool = True) -> Iterator[None]:
+    """Silence Ultralytics' log lines and progress bars (its TQDM follows its logger's level)."""
+    logger = logging.getLogger("ultralytics")
+    level = logger.level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -99,10 +99,11 @@ def validate(
             validator(model=copy.deepcopy(model).float().eval())
         except Exception as e:
             raise EvaluatorError(f"validation failed ({type(e).__name__}: {e}).") from e
-    return _result(validator, info)
+    return validator_result(validator, info)
 
 
-def _result(validator: DetectionValidator, info: DatasetInfo) -> ValResult:
+def validator_result(validator: DetectionValidator, info: DatasetInfo) -> ValResult:
+    """Metrics of the last run of an Ultralytics DetectionValidator, with per-class AP by class index."""
     box = validator.metrics.box
     counts = np.asarray(validator.metrics.nt_per_class)
     per_class: dict[int, ClassAP] = {}

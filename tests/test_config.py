@@ -1,0 +1,94 @@
+"""The experiment config: typed, validated, unknown keys refused, paths resolved against the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from yoloprune.config import ExperimentConfig, config_from_dict, load_config
+from yoloprune.demo import DEMO_EXPERIMENT
+from yoloprune.errors import ConfigError
+
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+MINIMAL = {
+    "name": "t",
+    "model": "yolov8n.yaml",
+    "data": "data.yaml",
+    "space": {"ratios": {"neck": {"low": 0.1, "high": 0.4}}},
+}
+
+
+def _write(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_demo_yaml_is_the_demo_config():
+    from_file = load_config(EXPERIMENTS / "demo.yaml")
+    assert from_file.model_dump(exclude={"output"}) == config_from_dict(DEMO_EXPERIMENT).model_dump(exclude={"output"})
+
+
+def test_example_configs_validate():
+    byo = load_config(EXPERIMENTS / "byo.yaml")
+    assert byo.space.importance == ["l1", "bn_scale"] and byo.constraints[0].max == 0.02
+    assert Path(byo.data).is_absolute() and byo.output_dir.name == "my-detector-pruning"
+
+
+def test_defaults_are_the_issue_defaults():
+    cfg = config_from_dict(MINIMAL)
+    assert [(o.metric, o.direction) for o in cfg.objectives] == [("map50_95", "maximize"), ("gflops", "minimize")]
+    assert [c.describe() for c in cfg.constraints] == ["map50_95_drop <= 0.02", "flops_reduction >= 0.5"]
+    assert cfg.engine.sampler == "tpe" and cfg.budget.trials == 20
+    assert cfg.storage_url == f"sqlite:///{cfg.output_dir / 'study.db'}"
+    with pytest.raises(Exception):  # noqa: B017  frozen
+        cfg.imgsz = 320  # type: ignore[misc]
+
+
+def test_relative_paths_follow_the_config_file(tmp_path):
+    (tmp_path / "data.yaml").write_text("x: 1")
+    cfg = load_config(_write(tmp_path, {**MINIMAL, "output": "out", "storage": "sqlite:///db/s.db"}))
+    assert cfg.data == str(tmp_path / "data.yaml")
+    assert cfg.model == "yolov8n.yaml"  # a shipped Ultralytics name stays a name
+    assert cfg.output_dir == tmp_path / "out"
+    assert cfg.storage_url == f"sqlite:///{tmp_path / 'db' / 's.db'}"
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"finetune": {"epoch": 3}}, "unknown key 'finetune.epoch'. Did you mean 'epochs'?"),
+        ({"bogus": 1}, "unknown key 'bogus'"),
+        ({"space": {"ratios": {"neck": {"low": 0.5, "high": 0.2}}}}, "low 0.5 is greater than high 0.2"),
+        ({"space": {"ratios": {"neck": {"low": 0.1, "high": 0.97}}}}, "must lie inside [0, 0.95)"),
+        ({"space": {"ratios": {"neck": 1.2}}}, "outside [0, 0.95)"),
+        ({"space": {"ratios": {}}}, "at least one stage"),
+        ({"space": {"ratios": {"neck": 0.3}, "importance": "l3"}}, "unknown importance 'l3'"),
+        ({"constraints": [{"metric": "gflops", "max": 1, "min": 0}]}, "exactly one of max or min"),
+        ({"constraints": [{"metric": "latency", "max": 1}]}, "constraints.0.metric"),
+        ({"engine": {"sampler": "cmaes"}}, "engine.sampler"),
+        ({"budget": {"trials": None}}, "budget.trials, budget.timeout_s or both"),
+        ({"imgsz": 300}, "multiple of 32"),
+        ({"name": "bad name!"}, "name"),
+    ],
+)
+def test_bad_configs_name_the_problem(tmp_path, patch, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(_write(tmp_path, {**MINIMAL, **patch}))
+    assert message in str(e.value) and "exp.yaml" in str(e.value)
+
+
+def test_missing_or_broken_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "none.yaml")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+
+
+def test_overrides_merge_into_sections(tmp_path):
+    cfg = load_config(_write(tmp_path, MINIMAL), {"budget": {"trials": 3}, "storage": "sqlite:////tmp/x.db"})
+    assert isinstance(cfg, ExperimentConfig) and cfg.budget.trials == 3 and cfg.storage == "sqlite:////tmp/x.db"

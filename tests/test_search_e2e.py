@@ -1,0 +1,177 @@
+"""End to end through the real CLI on a tiny model and dataset: a search stores every trial with all its
+metrics in SQLite, `results` reads them back, and a search killed mid-trial resumes losing nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from yoloprune.config import load_config
+from yoloprune.storage import Store, file_sha256
+
+pytestmark = pytest.mark.slow
+
+CLI = [sys.executable, "-m", "yoloprune.cli"]
+METRICS = {"map50", "map50_95", "map50_drop", "map50_95_drop", "params", "gflops", "size_mb",
+           "params_reduction", "flops_reduction", "size_reduction"}  # fmt: skip
+
+
+def _config(tmp_path: Path, data: Path, name: str, **changes) -> Path:
+    raw = {
+        "name": name,
+        "model": {"yaml": "yolov8n.yaml"},
+        "data": str(data),
+        "imgsz": 128,
+        "device": "cpu",
+        "space": {
+            "ratios": {"backbone.p4": {"low": 0.1, "high": 0.5, "step": 0.1}, "neck": {"low": 0.1, "high": 0.5}},
+            "round_to": [1, 8],
+        },
+        "finetune": {"epochs": 1, "batch": 8, "bn_batches": 1},
+        "constraints": [{"metric": "flops_reduction", "min": 0.25}],
+        "engine": {"sampler": "random", "seed": 1},
+        "budget": {"trials": 3},
+        "output": str(tmp_path / name),
+        **changes,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def _study(cfg_path: Path) -> optuna.Study:
+    cfg = load_config(cfg_path)
+    return optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+
+
+def _run(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_search_stores_every_trial_and_results_reads_them(tmp_path, tiny_data):
+    cfg_path = _config(tmp_path, tiny_data, "e2e")
+    proc = _run("search", str(cfg_path), "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    study = _study(cfg_path)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 3
+    for t in complete:
+        assert set(t.user_attrs["metrics"]) >= METRICS, t.user_attrs["metrics"].keys()
+        assert len(t.values) == 2 and t.values[1] == pytest.approx(t.user_attrs["metrics"]["gflops"])
+        assert set(t.user_attrs["per_class"]) == {"circle", "square", "triangle", "star", "ring", "cross"}
+        assert {"prune", "bn", "finetune", "validation", "latency", "other", "total"} <= set(t.user_attrs["timings"])
+        assert t.user_attrs["feasible"] == (t.user_attrs["metrics"]["flops_reduction"] >= 0.25)
+        assert t.user_attrs["finetuned"] == t.user_attrs["feasible"]  # infeasible cost: no fine-tune
+        assert isinstance(t.user_attrs["reward"], float)
+    # yoloprune's own tables: the baseline once, one checkpoint per trial with a correct hash.
+    cfg = load_config(cfg_path)
+    store = Store(cfg.storage_url)
+    exp = store.find_experiment("e2e")
+    assert store.latest_baseline(exp)["gflops"] > 0
+    arts = store.artifacts(exp)
+    assert sorted(a["trial"] for a in arts) == [t.number for t in complete]
+    assert all(file_sha256(Path(a["path"])) == a["sha256"] for a in arts)
+
+    res = _run("results", str(cfg_path), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "baseline: mAP50-95" in res.stdout and "3 complete" in res.stdout
+    csv = (cfg.output_dir / "trials.csv").read_text().splitlines()
+    assert len(csv) == 4 and csv[0].startswith("trial,state,feasible")
+
+    # Re-running with the budget already spent trains nothing and keeps the trials.
+    again = _run("search", str(cfg_path), "--no-progress", cwd=tmp_path)
+    assert again.returncode == 0 and len(_study(cfg_path).get_trials()) == len(trials)
+
+
+def test_killed_search_resumes_without_losing_a_trial(tmp_path, tiny_data):
+    cfg_path = _config(
+        tmp_path,
+        tiny_data,
+        "killme",
+        finetune={"epochs": 4, "batch": 8, "bn_batches": 1},
+        constraints=[],
+        budget={"trials": 3},
+    )
+    proc = subprocess.Popen(
+        [*CLI, "search", str(cfg_path), "--no-progress"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        first_values = None
+        while time.monotonic() < deadline:  # wait for one finished trial and a second one running
+            time.sleep(1.0)
+            try:
+                trials = _study(cfg_path).get_trials()
+            except Exception:
+                continue
+            done = [t for t in trials if t.state == TrialState.COMPLETE]
+            running = [t for t in trials if t.state == TrialState.RUNNING and t.user_attrs.get("epochs")]
+            if done and running:
+                first_values = {t.number: t.values for t in done}
+                break
+        assert first_values, "no trial finished in time"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    killed = [t for t in _study(cfg_path).get_trials() if t.state == TrialState.RUNNING]
+    assert len(killed) == 1
+
+    resumed = _run("search", str(cfg_path), "--no-progress", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    trials = _study(cfg_path).get_trials()
+    for number, values in first_values.items():  # nothing completed was lost or redone
+        assert trials[number].state == TrialState.COMPLETE and trials[number].values == values
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3
+    gone = trials[killed[0].number]
+    assert gone.state == TrialState.FAIL and "interrupted" in gone.user_attrs["error"]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == gone.number]
+    assert len(retry) == 1 and retry[0].params == gone.params and retry[0].state == TrialState.COMPLETE
+
+
+def test_bad_input_fails_before_any_training(tmp_path, tiny_data):
+    cases = {
+        "unknown stage": ({"space": {"ratios": {"backbone.p7": 0.3}}}, "does not have"),
+        "missing data": ({"data": str(tmp_path / "nope.yaml")}, "does not exist"),
+        "unreachable storage": ({"storage": "postgresql://u:p@127.0.0.1:9/x"}, "postgres"),
+    }
+    for i, (changes, message) in enumerate(cases.values()):
+        cfg_path = _config(tmp_path, tiny_data, f"bad{i}", **changes)
+        proc = _run("search", str(cfg_path), "--no-progress", cwd=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr, (changes, proc.stderr[-2000:])
+        assert not (tmp_path / f"bad{i}" / "runs").exists()
+
+
+def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data, monkeypatch):
+    from yoloprune.evaluators.proxy import ProxyEvaluator
+    from yoloprune.search.runner import run_search
+
+    real = ProxyEvaluator.evaluate
+    calls = {"n": 0}
+
+    def flaky(self, candidate, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(self, candidate, **kwargs)
+
+    monkeypatch.setattr(ProxyEvaluator, "evaluate", flaky)
+    cfg = load_config(_config(tmp_path, tiny_data, "flaky"))
+    study = run_search(cfg, progress=False)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
+    failed = next(t for t in study.get_trials() if t.state == TrialState.FAIL)
+    assert failed.user_attrs["error"] == "RuntimeError: CUDA out of memory (simulated)"

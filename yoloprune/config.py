@@ -1,0 +1,240 @@
+"""The experiment config: one typed, frozen, validated object loaded from YAML at the edge.
+
+Relative paths inside a config file are resolved against the file's own folder. Unknown keys are errors.
+See ``experiments/*.yaml`` and the README's config reference.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from yoloprune.errors import ConfigError, did_you_mean
+from yoloprune.search.objectives import Constraint, Objective, RewardConfig
+from yoloprune.spaces.space import SearchSpace
+
+BUILTIN_PREFIX = "builtin:"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Section):
+    """A model YAML, optionally with weights (a ``.pt``) to load into it."""
+
+    yaml: str
+    weights: str | None = None
+
+
+class FinetuneConfig(_Section):
+    """The proxy fine-tune of every candidate.
+
+    Attributes:
+        epochs: fine-tune epochs per trial (0: BN re-estimation only).
+        batch: batch size.
+        workers: dataloader workers.
+        bn_batches: batches for BN-statistics re-estimation before the fine-tune (0: off).
+        skip_infeasible: when a constraint on cost (FLOPs, params, size) is already violated after pruning,
+            record the trial as infeasible with its BN-re-estimated mAP instead of fine-tuning it.
+        overrides: any Ultralytics training argument (``lr0``, ``optimizer``, ``mosaic``...).
+    """
+
+    epochs: int = Field(3, ge=0)
+    batch: int = Field(16, ge=1)
+    workers: int = Field(0, ge=0)
+    bn_batches: int = Field(10, ge=0)
+    skip_infeasible: bool = True
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineConfig(_Section):
+    """Which search engine samples candidates, and how.
+
+    Attributes:
+        name: ``optuna`` (embedded; NNI comes as a second engine).
+        sampler: ``tpe``, ``nsga2``, ``random`` or ``grid``.
+        seed: sampler seed (None: random).
+        pruner: stop hopeless trials on their per-epoch mAP: ``none``, ``median`` or ``successive_halving``.
+        startup_trials: trials sampled at random before TPE models the space, and before the pruner acts.
+    """
+
+    name: Literal["optuna"] = "optuna"
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    seed: int | None = 0
+    pruner: Literal["none", "median", "successive_halving"] = "none"
+    startup_trials: int = Field(4, ge=0)
+
+
+class BudgetConfig(_Section):
+    """When the search stops: after ``trials`` finished trials (complete or pruned) or ``timeout_s``."""
+
+    trials: int | None = Field(20, ge=1)
+    timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_budget(self) -> BudgetConfig:
+        if self.trials is None and self.timeout_s is None:
+            raise ValueError("give budget.trials, budget.timeout_s or both")
+        return self
+
+
+def _default_objectives() -> list[Objective]:
+    return [Objective(metric="map50_95", direction="maximize"), Objective(metric="gflops", direction="minimize")]
+
+
+def _default_constraints() -> list[Constraint]:
+    return [Constraint(metric="map50_95_drop", max=0.02), Constraint(metric="flops_reduction", min=0.5)]
+
+
+class ExperimentConfig(_Section):
+    """A whole search experiment.
+
+    Attributes:
+        name: the experiment's (and its Optuna study's) name; re-running the same name resumes it.
+        model: a trained ``.pt``, a model YAML with weights, or ``builtin:demo-base``.
+        data: an Ultralytics dataset YAML, or ``builtin:synthetic``.
+        imgsz: image size for training, validation and FLOPs.
+        device: ``cpu``, ``0``... (default: the first GPU if any, else the CPU).
+        space: the search space.
+        finetune: the proxy fine-tune.
+        objectives: what the search optimises (default: maximise mAP50-95, minimise GFLOPs).
+        constraints: hard limits (default: relative mAP50-95 drop <= 2%, FLOPs reduction >= 50%).
+        reward: the scalar reward that ranks trials.
+        engine: sampler, seed and pruner.
+        budget: trial count and/or time budget.
+        storage: a SQLAlchemy URL (default: ``sqlite:///<output>/study.db``).
+        output: output folder (default ``outputs/<name>`` under the working directory).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
+    model: str | ModelSource
+    data: str
+    imgsz: int = Field(640, ge=32)
+    device: str | None = None
+    space: SearchSpace
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1)
+    constraints: list[Constraint] = Field(default_factory=_default_constraints)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    storage: str | None = None
+    output: str | None = None
+
+    @field_validator("imgsz")
+    @classmethod
+    def _stride(cls, v: int) -> int:
+        if v % 32:
+            raise ValueError(f"imgsz {v} must be a multiple of 32 (the detectors' largest stride)")
+        return v
+
+    @model_validator(mode="after")
+    def _objectives_distinct(self) -> ExperimentConfig:
+        names = [o.metric for o in self.objectives]
+        if len(set(names)) != len(names):
+            raise ValueError(f"objectives repeat a metric: {names}")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.output or Path("outputs") / self.name).resolve()
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{self.output_dir / 'study.db'}"
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
+    """Read, resolve and validate an experiment YAML; every problem is a :class:`ConfigError`.
+
+    ``overrides`` are merged on top of the file's top-level sections (used by the CLI and the demo).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment config '{path}' does not exist.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections.")
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return config_from_dict(_resolve_paths(raw, path.resolve().parent), source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
+    """Validate a config mapping (paths already resolved)."""
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: invalid experiment config:\n" + _explain(e)) from None
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(raw)
+
+    def resolve(value: Any) -> Any:
+        if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX) or "://" in value:
+            return value
+        p = Path(value).expanduser()
+        if p.is_absolute():
+            return str(p)
+        # A bare Ultralytics YAML name (yolov8n.yaml) is looked up in its package, not beside the config.
+        return str(base / p) if (base / p).exists() or "/" in value or value.endswith(".pt") else value
+
+    if isinstance(out.get("model"), dict):
+        out["model"] = {k: resolve(v) for k, v in out["model"].items()}
+    elif "model" in out:
+        out["model"] = resolve(out["model"])
+    for key in ("data", "output"):
+        if key in out:
+            out[key] = (
+                str(base / out[key]) if key == "output" and not Path(str(out[key])).is_absolute() else resolve(out[key])
+            )
+    storage = out.get("storage")
+    if isinstance(storage, str) and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
+        rel = storage.removeprefix("sqlite:///")
+        if rel and rel != ":memory:":
+            out["storage"] = f"sqlite:///{base / rel}"
+    return out
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            parent, key = err["loc"][:-1], str(err["loc"][-1])
+            allowed = _fields_at(parent)
+            hint = did_you_mean(key, allowed)
+            lines.append(f"  - unknown key '{loc}'.{hint} Allowed here: {', '.join(allowed)}.")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"  - {loc or '(top level)'}: {msg} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: Any = ExperimentConfig
+    for part in loc:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            break
+        annotation = field.annotation
+        candidates = [
+            a
+            for a in getattr(annotation, "__args__", (annotation,))
+            if isinstance(a, type) and issubclass(a, BaseModel)
+        ]
+        if not candidates:
+            break
+        model = candidates[0]
+    return list(getattr(model, "model_fields", {}))

@@ -1,0 +1,157 @@
+"""The proxy evaluator: prune a candidate, measure its cost, re-estimate BN, fine-tune briefly, validate.
+
+Every phase is timed, so a benchmark can tell the framework's own overhead from the real work.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from yoloprune.config import FinetuneConfig
+from yoloprune.data.check import DatasetInfo
+from yoloprune.pruning import measure_costs, prune
+from yoloprune.spaces import Candidate
+from yoloprune.ultra.train import EpochCallback, finetune
+from yoloprune.ultra.val import ValResult, recalibrate_bn, validate
+
+PHASES = ("prune", "bn", "finetune", "validation", "latency")
+
+
+@dataclass
+class ProxyResult:
+    """What one evaluation measured.
+
+    Attributes:
+        raw: absolute metrics (``map50``, ``map50_95``, ``params``, ``gflops``, ``size_mb``).
+        per_class: per-class AP50-95 by class name.
+        timings: seconds per phase (see :data:`PHASES`).
+        finetuned: False when the fine-tune was skipped (cost constraint already violated).
+        model: the evaluated model (fine-tuned when ``finetuned``).
+    """
+
+    raw: dict[str, float]
+    per_class: dict[str, float]
+    timings: dict[str, float]
+    finetuned: bool
+    model: nn.Module
+    epochs: list[dict[str, float]] = field(default_factory=list)
+
+
+class ProxyEvaluator:
+    """Evaluates candidates against one base model and dataset."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        data: DatasetInfo,
+        *,
+        imgsz: int,
+        device: str,
+        finetune: FinetuneConfig,
+        workdir: Path,
+    ) -> None:
+        self.base = base
+        self.data = data
+        self.imgsz = imgsz
+        self.device = device
+        self.cfg = finetune
+        self.workdir = Path(workdir)
+
+    def baseline(self) -> dict[str, Any]:
+        """The unpruned model's metrics (no fine-tune)."""
+        timings: dict[str, float] = {}
+        with _timed(timings, "validation"):
+            val = validate(self.base, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
+        costs = measure_costs(self.base, self.imgsz)
+        return {
+            **_raw(val, costs),
+            "per_class": _per_class(val),
+            "seconds": timings["validation"],
+        }
+
+    def evaluate(
+        self,
+        candidate: Candidate,
+        *,
+        name: str,
+        skip: Callable[[dict[str, float]], bool] | None = None,
+        on_epoch: EpochCallback | None = None,
+    ) -> ProxyResult:
+        """Prune, cost, (BN re-estimate, fine-tune,) validate one candidate.
+
+        Args:
+            name: run name (the fine-tune's folder under the work dir; removed afterwards).
+            skip: given the cost metrics, True means "infeasible: do not fine-tune".
+            on_epoch: per-epoch callback, may raise to stop the trial.
+        """
+        timings = dict.fromkeys(PHASES, 0.0)
+        with _timed(timings, "prune"):
+            model = prune(self.base, candidate.ratios, importance=candidate.importance, round_to=candidate.round_to)
+            costs = measure_costs(model, self.imgsz)
+        cost_metrics = {"params": float(costs.params), "gflops": costs.gflops, "size_mb": costs.size_mb}
+        if self.cfg.bn_batches > 0:
+            with _timed(timings, "bn"):
+                recalibrate_bn(
+                    model,
+                    self.data,
+                    imgsz=self.imgsz,
+                    batches=self.cfg.bn_batches,
+                    batch=self.cfg.batch,
+                    device=self.device,
+                )
+        finetuned = self.cfg.epochs > 0 and not (skip is not None and skip(cost_metrics))
+        epochs: list[dict[str, float]] = []
+        val: ValResult | None = None
+        if finetuned:
+            with _timed(timings, "finetune"):
+                result = finetune(
+                    model,
+                    self.data,
+                    epochs=self.cfg.epochs,
+                    imgsz=self.imgsz,
+                    batch=self.cfg.batch,
+                    device=self.device,
+                    workers=self.cfg.workers,
+                    project=self.workdir,
+                    name=name,
+                    on_epoch=on_epoch,
+                    keep_run=False,
+                    **self.cfg.overrides,
+                )
+            timings["finetune"] -= result.val_seconds
+            timings["validation"] += result.val_seconds
+            model, val, epochs = result.model, result.val, result.epochs
+        if val is None:
+            with _timed(timings, "validation"):
+                val = validate(model, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
+        return ProxyResult(_raw(val, costs), _per_class(val), timings, finetuned, model, epochs)
+
+
+def _raw(val: ValResult, costs: Any) -> dict[str, float]:
+    return {
+        "map50": val.map50,
+        "map50_95": val.map50_95,
+        "params": float(costs.params),
+        "gflops": costs.gflops,
+        "size_mb": costs.size_mb,
+    }
+
+
+def _per_class(val: ValResult) -> dict[str, float]:
+    return {c.name: c.ap50_95 for c in val.per_class.values()}
+
+
+@contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start

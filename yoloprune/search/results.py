@@ -1,0 +1,82 @@
+"""Read a finished (or running) search back from storage: the trial table and the feasible Pareto front."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from yoloprune.config import ExperimentConfig
+from yoloprune.search.objectives import pareto_mask
+
+METRIC_COLUMNS = (
+    "map50", "map50_95", "map50_95_drop", "gflops", "flops_reduction", "params", "params_reduction", "size_mb",
+)  # fmt: skip
+
+
+def trials_frame(study: optuna.Study) -> pd.DataFrame:
+    """One row per trial: state, feasibility, reward, metrics, the candidate's ratios and knobs, errors."""
+    rows: list[dict[str, Any]] = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        cand = attrs.get("candidate", {})
+        row: dict[str, Any] = {
+            "trial": t.number,
+            "state": t.state.name.lower(),
+            "feasible": attrs.get("feasible"),
+            "finetuned": attrs.get("finetuned"),
+            "reward": attrs.get("reward"),
+        }
+        metrics = attrs.get("metrics", {})
+        row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
+        row.update({f"ratio.{k}": v for k, v in cand.get("ratios", {}).items()})
+        row["importance"] = cand.get("importance")
+        row["round_to"] = cand.get("round_to")
+        row["seconds"] = attrs.get("timings", {}).get("total")
+        row["error"] = attrs.get("error")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def pareto_front(trials: pd.DataFrame, config: ExperimentConfig) -> pd.DataFrame:
+    """Feasible complete trials not dominated on the config's objectives, best reward first."""
+    if trials.empty:
+        return trials
+    ok = trials[(trials["state"] == "complete") & (trials["feasible"] == True)]  # noqa: E712
+    if ok.empty:
+        return ok
+    values = ok[[o.metric for o in config.objectives]].to_numpy(dtype=float)
+    front = ok[pareto_mask(values, [o.direction for o in config.objectives])]
+    return front.sort_values("reward", ascending=False)
+
+
+def summary_counts(trials: pd.DataFrame) -> dict[str, int]:
+    """Trials by outcome: complete, feasible, pruned, failed, running."""
+    if trials.empty:
+        return {"complete": 0, "feasible": 0, "pruned": 0, "failed": 0}
+    state = trials["state"]
+    return {
+        "complete": int((state == "complete").sum()),
+        "feasible": int(((state == "complete") & (trials["feasible"] == True)).sum()),  # noqa: E712
+        "pruned": int((state == "pruned").sum()),
+        "failed": int((state == "fail").sum()),
+        "running": int((state == "running").sum()),
+    }
+
+
+def front_table(front: pd.DataFrame) -> pd.DataFrame:
+    """The front's columns as users read them: ratios, mAP, drop, FLOPs and params reduction."""
+    ratio_cols = [c for c in front.columns if c.startswith("ratio.")]
+    cols = ["trial", *ratio_cols, "importance", "round_to", "map50_95", "map50_95_drop", "gflops",
+            "flops_reduction", "params_reduction", "reward"]  # fmt: skip
+    table = front[[c for c in cols if c in front.columns]].copy()
+    table.columns = [c.removeprefix("ratio.") for c in table.columns]
+    for c in ("map50_95_drop", "flops_reduction", "params_reduction"):
+        if c in table:
+            table[c] = (100 * table[c].astype(float)).round(1)
+    table = table.rename(
+        columns={"map50_95_drop": "mAP_drop_%", "flops_reduction": "FLOPs_-%", "params_reduction": "params_-%"}
+    )
+    return table.round(4).replace({np.nan: None})

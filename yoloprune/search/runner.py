@@ -1,0 +1,296 @@
+"""Run a search experiment end to end: checks, storage, baseline, the Optuna loop, trial records."""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+from torch import nn
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from yoloprune.config import BUILTIN_PREFIX, ExperimentConfig, ModelSource
+from yoloprune.data.check import DatasetInfo, inspect_dataset
+from yoloprune.device import default_device
+from yoloprune.evaluators.proxy import ProxyEvaluator
+from yoloprune.log import get_logger
+from yoloprune.pruning import prunable_stage_names
+from yoloprune.search.objectives import relative_metrics, reward, violations
+from yoloprune.search.optuna_engine import (
+    EpochReporter,
+    finished_count,
+    make_pruner,
+    open_study,
+    recover_interrupted,
+)
+from yoloprune.spaces import Candidate
+from yoloprune.storage import Store, file_sha256
+from yoloprune.ultra.checkpoint import save_checkpoint
+from yoloprune.ultra.models import load_detector
+from yoloprune.ultra.offline import ultralytics_quiet
+from yoloprune.ultra.train import EpochCallback
+from yoloprune.ultra.val import check_classes
+
+LOGGER = get_logger(__name__)
+
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+@dataclass
+class Experiment:
+    """Everything a search needs, checked before any training starts."""
+
+    config: ExperimentConfig
+    data: DatasetInfo
+    base: nn.Module
+    model_key: str
+    device: str
+    store: Store
+    experiment_id: int
+
+    @property
+    def baseline_key(self) -> str:
+        return f"{self.model_key}:{self.data.yaml_path}:{self.config.imgsz}"
+
+
+def prepare(config: ExperimentConfig) -> Experiment:
+    """Resolve and check data, model, stages and storage; raises a clear error before any training."""
+    device = default_device(config.device)
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.storage_url)  # first: cheap, and an unreachable database should fail fast
+    data = inspect_dataset(_resolve(config.data, device))
+    base, model_key = _load_model(config.model, data, device)
+    check_classes(base, data)
+    config.space.check_stages(prunable_stage_names(base))
+    experiment_id = store.experiment_id(config.name, config.model_dump(mode="json"))
+    return Experiment(config, data, base, model_key, device, store, experiment_id)
+
+
+def run_search(config: ExperimentConfig, *, progress: bool = True, verbose: bool = False) -> optuna.Study:
+    """Run (or resume) the experiment until its budget is spent; returns the study.
+
+    Ctrl-C stops after marking the running trial failed; finished trials stay in storage, and the next
+    run of the same config queues the interrupted trial's parameters again.
+    """
+    exp = prepare(config)
+    study = open_study(config)
+    recovered = recover_interrupted(study)
+    if recovered:
+        LOGGER.info("re-queued trial(s) %s interrupted in a previous run", recovered)
+    evaluator = ProxyEvaluator(
+        exp.base,
+        exp.data,
+        imgsz=config.imgsz,
+        device=exp.device,
+        finetune=config.finetune,
+        workdir=config.output_dir / "runs",
+    )
+    optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
+    with ultralytics_quiet(not verbose):
+        baseline = _baseline(exp, evaluator)
+        LOGGER.info(
+            "baseline: mAP50-95 %.4f, mAP50 %.4f, %.3f GFLOPs at %d, %d params",
+            baseline["map50_95"],
+            baseline["map50"],
+            baseline["gflops"],
+            config.imgsz,
+            baseline["params"],
+        )
+        budget = config.budget.trials
+        done = finished_count(study)
+        remaining = None if budget is None else max(0, budget - done)
+        if remaining == 0:
+            LOGGER.info("budget of %d finished trials already reached; nothing to do", budget)
+            return study
+        objective = _Objective(
+            exp, evaluator, baseline, EpochReporter(study, make_pruner(config.engine, config.finetune.epochs)), progress
+        )
+        bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
+        callbacks = [_Stopper(budget, bar)]
+        with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]):
+            try:
+                study.optimize(
+                    objective,
+                    n_trials=None,
+                    timeout=config.budget.timeout_s,
+                    catch=(Exception,),
+                    callbacks=callbacks,
+                    gc_after_trial=True,
+                )
+            finally:
+                bar.close()
+    return study
+
+
+class _Stopper:
+    """Stops the study at the finished-trial budget, or after too many failures in a row."""
+
+    def __init__(self, budget: int | None, bar: tqdm) -> None:
+        self.budget = budget
+        self.bar = bar
+        self.failures = 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if trial.state == TrialState.FAIL:
+            self.failures += 1
+            LOGGER.warning("trial %d failed: %s", trial.number, trial.user_attrs.get("error", "see the log above"))
+            if self.failures >= MAX_CONSECUTIVE_FAILURES:
+                LOGGER.error(
+                    "%d trials failed in a row; stopping the search. Fix the cause and re-run to resume.", self.failures
+                )
+                study.stop()
+            return
+        self.failures = 0
+        self.bar.update(1)
+        m = trial.user_attrs.get("metrics", {})
+        self.bar.set_postfix_str(
+            f"#{trial.number} {trial.state.name.lower()} mAP50-95 {m.get('map50_95', float('nan')):.3f} "
+            f"FLOPs -{100 * m.get('flops_reduction', float('nan')):.0f}%"
+        )
+        if self.budget is not None and finished_count(study) >= self.budget:
+            study.stop()
+
+
+class _Objective:
+    """One trial: sample, prune, cost, (skip or) fine-tune, validate, record everything on the trial."""
+
+    def __init__(
+        self,
+        exp: Experiment,
+        evaluator: ProxyEvaluator,
+        baseline: dict[str, Any],
+        reporter: EpochReporter,
+        progress: bool,
+    ) -> None:
+        self.exp = exp
+        self.cfg = exp.config
+        self.evaluator = evaluator
+        self.baseline = baseline
+        self.reporter = reporter
+        self.progress = progress
+        self.cost_constraints = [c for c in self.cfg.constraints if c.on_cost]
+
+    def __call__(self, trial: optuna.Trial) -> list[float]:
+        start = time.perf_counter()
+        candidate = self.cfg.space.suggest(trial)
+        trial.set_user_attr(
+            "candidate",
+            {"ratios": candidate.ratios, "importance": candidate.importance, "round_to": candidate.round_to},
+        )
+        epoch_bar = tqdm(
+            total=self.cfg.finetune.epochs,
+            desc=f"  trial {trial.number} fine-tune",
+            unit="epoch",
+            leave=False,
+            disable=not self.progress or self.cfg.finetune.epochs == 0,
+            dynamic_ncols=True,
+        )
+        report = self.reporter.callback(trial)
+
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+            epoch_bar.update(1)
+            epoch_bar.set_postfix_str(f"mAP50-95 {metrics['map50_95']:.3f}")
+            report(epoch, metrics)
+
+        try:
+            return self._evaluate(trial, candidate, on_epoch, start)
+        except optuna.TrialPruned:
+            trial.set_user_attr("timings", {"total": time.perf_counter() - start})
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("error", "interrupted by the user")
+            trial.set_user_attr("interrupted", True)
+            raise
+        except Exception as e:
+            trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            raise
+        finally:
+            epoch_bar.close()
+            _free_memory()
+
+    def _evaluate(
+        self, trial: optuna.Trial, candidate: Candidate, on_epoch: EpochCallback, start: float
+    ) -> list[float]:
+        result = self.evaluator.evaluate(
+            candidate, name=f"trial_{trial.number:04d}", skip=self._skip, on_epoch=on_epoch
+        )
+        metrics = relative_metrics(result.raw, self.baseline)
+        constraint_values = violations(metrics, self.cfg.constraints)
+        trial.set_user_attr("metrics", metrics)
+        trial.set_user_attr("per_class", result.per_class)
+        trial.set_user_attr("constraints", constraint_values)
+        trial.set_user_attr("feasible", all(v <= 0 for v in constraint_values))
+        trial.set_user_attr("finetuned", result.finetuned)
+        trial.set_user_attr("reward", reward(metrics, self.baseline, self.cfg.constraints, self.cfg.reward))
+        path = save_checkpoint(
+            result.model,
+            self.cfg.output_dir / "trials" / f"trial_{trial.number:04d}.pt",
+            train_args={"data": str(self.exp.data.yaml_path), "imgsz": self.cfg.imgsz},
+            metadata={
+                "experiment": self.cfg.name,
+                "trial": trial.number,
+                "ratios": candidate.ratios,
+                "importance": candidate.importance,
+                "round_to": candidate.round_to,
+                "metrics": metrics,
+            },
+        )
+        self.exp.store.add_artifact(self.exp.experiment_id, "proxy_checkpoint", path, trial.number)
+        timings = dict(result.timings)
+        timings["total"] = time.perf_counter() - start
+        timings["other"] = timings["total"] - sum(result.timings.values())
+        trial.set_user_attr("timings", timings)
+        return [metrics[o.metric] for o in self.cfg.objectives]
+
+    def _skip(self, cost_metrics: dict[str, float]) -> bool:
+        if not self.cfg.finetune.skip_infeasible or not self.cost_constraints:
+            return False
+        metrics = relative_metrics(cost_metrics, self.baseline)
+        return any(v > 0 for v in violations(metrics, self.cost_constraints))
+
+
+def _baseline(exp: Experiment, evaluator: ProxyEvaluator) -> dict[str, Any]:
+    stored = exp.store.baseline(exp.experiment_id, exp.baseline_key)
+    if stored is not None:
+        return stored
+    LOGGER.info("evaluating the baseline (once per experiment)")
+    metrics = evaluator.baseline()
+    exp.store.save_baseline(exp.experiment_id, exp.baseline_key, metrics)
+    return metrics
+
+
+def _resolve(value: str, device: str) -> Path:
+    if value.startswith(BUILTIN_PREFIX):
+        from yoloprune.demo import resolve_builtin
+
+        return resolve_builtin(value.removeprefix(BUILTIN_PREFIX), device)
+    return Path(value)
+
+
+def _load_model(source: str | ModelSource, data: DatasetInfo, device: str) -> tuple[nn.Module, str]:
+    if isinstance(source, ModelSource):
+        model = load_detector(source.yaml, nc=data.nc)
+        key = hashlib.sha256(source.yaml.encode()).hexdigest()[:16]
+        if source.weights:
+            weights = load_detector(_resolve(source.weights, device))
+            model.load(weights)
+            key += ":" + file_sha256(Path(source.weights))[:16]
+        return model, key
+    path = _resolve(source, device)
+    model = load_detector(path)
+    key = file_sha256(path)[:16] if path.suffix == ".pt" else hashlib.sha256(str(path).encode()).hexdigest()[:16]
+    return model, key
+
+
+def _free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
