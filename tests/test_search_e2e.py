@@ -25,11 +25,11 @@ METRICS = {"map50", "map50_95", "map50_drop", "map50_95_drop", "params", "gflops
            "params_reduction", "flops_reduction", "size_reduction"}  # fmt: skip
 
 
-def _config(tmp_path: Path, data: Path, name: str, **changes) -> Path:
+def _config(tmp_path: Path, data_yaml: Path, name: str, **changes) -> Path:
     raw = {
         "name": name,
         "model": {"yaml": "yolov8n.yaml"},
-        "data": str(data),
+        "data": str(data_yaml),
         "imgsz": 128,
         "device": "cpu",
         "space": {
@@ -149,7 +149,7 @@ def test_bad_input_fails_before_any_training(tmp_path, tiny_data):
         "unreachable storage": ({"storage": "postgresql://u:p@127.0.0.1:9/x"}, "postgres"),
     }
     for i, (changes, message) in enumerate(cases.values()):
-        cfg_path = _config(tmp_path, tiny_data, f"bad{i}", **changes)
+        cfg_path = _config(tmp_path, changes.pop("data", tiny_data), f"bad{i}", **changes)
         proc = _run("search", str(cfg_path), "--no-progress", cwd=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr, (changes, proc.stderr[-2000:])
         assert not (tmp_path / f"bad{i}" / "runs").exists()

@@ -100,8 +100,9 @@ def base_model_path(setup: DemoSetup, device: str = "cpu") -> Path:
 
 
 #: The demo experiment (``experiments/demo.yaml`` holds the same, and a test keeps them equal). Its
-#: constraints are looser than the defaults: a 2-epoch proxy fine-tune of a small detector trained from
-#: scratch on a hard dataset cannot keep a 2% drop at 50% fewer FLOPs (README, "Measured results").
+#: accuracy constraint is far looser than the default 2%: on a 2-core CPU budget the base is trained for
+#: 30 epochs from scratch and each proxy fine-tune lasts 2 epochs, which recovers only 25-40% of the base
+#: mAP50-95 at 30-50% fewer FLOPs (README, "Measured results"). It shows the machinery, not a recipe.
 DEMO_EXPERIMENT: dict[str, Any] = {
     "name": "demo",
     "model": "builtin:demo-base",
@@ -117,7 +118,7 @@ DEMO_EXPERIMENT: dict[str, Any] = {
     },
     "finetune": {"epochs": 2, "batch": 16, "bn_batches": 10},
     "objectives": [{"metric": "map50_95", "direction": "maximize"}, {"metric": "gflops", "direction": "minimize"}],
-    "constraints": [{"metric": "map50_95_drop", "max": 0.5}, {"metric": "flops_reduction", "min": 0.3}],
+    "constraints": [{"metric": "map50_95_drop", "max": 0.7}, {"metric": "flops_reduction", "min": 0.3}],
     "engine": {"sampler": "tpe", "seed": 0, "pruner": "median", "startup_trials": 4},
     "budget": {"trials": 8},
 }

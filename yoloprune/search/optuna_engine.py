@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -58,7 +59,12 @@ def make_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner 
 
 def open_study(config: ExperimentConfig, *, create: bool = True) -> optuna.Study:
     """Create or load the experiment's study (same name as the experiment) in its storage."""
-    storage = rdb_storage(config.storage_url)
+    url = config.storage_url
+    if not create and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise ConfigError(
+            f"no search named '{config.name}': {url} does not exist. Run `yoloprune search CONFIG` first."
+        )
+    storage = rdb_storage(url)
     directions = [o.direction for o in config.objectives]
     if not create:
         try:
