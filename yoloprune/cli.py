@@ -6,10 +6,15 @@ import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from yoloprune.device import default_device
 from yoloprune.errors import ConfigError, YoloPruneError
 from yoloprune.log import get_logger, set_verbosity
+from yoloprune.tables import format_table
+
+if TYPE_CHECKING:
+    from yoloprune.config import ExperimentConfig
 
 LOGGER = get_logger("cli")
 
@@ -124,18 +129,11 @@ def parse_ratios(pairs: Sequence[str]) -> dict[str, float]:
     return ratios
 
 
-def _table(df: object) -> str:
-    import pandas as pd
-
-    with pd.option_context("display.width", 200, "display.max_columns", 20, "display.max_colwidth", 60):
-        return df.to_string(index=False)  # type: ignore[attr-defined]
-
-
 def _cmd_stages(args: argparse.Namespace) -> int:
     from yoloprune.pruning.report import stage_table
     from yoloprune.ultra.models import load_detector
 
-    print(_table(stage_table(load_detector(args.model), args.imgsz)))
+    print(format_table(stage_table(load_detector(args.model), args.imgsz)))
     return 0
 
 
@@ -210,7 +208,7 @@ def _cmd_val(args: argparse.Namespace) -> int:
         device=default_device(args.device),
     )
     print(f"mAP50 {result.map50:.4f}  mAP50-95 {result.map50_95:.4f}  P {result.precision:.4f}  R {result.recall:.4f}")
-    print(_table(pd.DataFrame([vars(c) for c in result.per_class.values()])))
+    print(format_table(pd.DataFrame([vars(c) for c in result.per_class.values()])))
     return 0
 
 
@@ -246,37 +244,10 @@ def _cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_results(config: object, show_all: bool = False) -> None:
-    from yoloprune.search.optuna_engine import open_study
-    from yoloprune.search.results import front_table, pareto_front, summary_counts, trials_frame
-    from yoloprune.storage import Store
+def _print_results(config: ExperimentConfig, show_all: bool = False) -> None:
+    from yoloprune.search.results import render_results
 
-    study = open_study(config, create=False)  # type: ignore[arg-type]
-    trials = trials_frame(study)
-    out = config.output_dir  # type: ignore[attr-defined]
-    out.mkdir(parents=True, exist_ok=True)
-    trials.to_csv(out / "trials.csv", index=False)
-    store = Store(config.storage_url)  # type: ignore[attr-defined]
-    exp_id = store.find_experiment(config.name)  # type: ignore[attr-defined]
-    base = store.latest_baseline(exp_id) if exp_id is not None else None
-    counts = summary_counts(trials)
-    print(f"\nexperiment '{config.name}': " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "complete"))  # type: ignore[attr-defined]
-    if base:
-        print(
-            f"baseline: mAP50-95 {base['map50_95']:.4f}  mAP50 {base['map50']:.4f}  GFLOPs {base['gflops']:.3f}  params {int(base['params']):,d}"
-        )
-    constraints = ", ".join(c.describe() for c in config.constraints) or "none"  # type: ignore[attr-defined]
-    front = pareto_front(trials, config)  # type: ignore[arg-type]
-    if show_all:
-        print(_table(trials))
-    elif front.empty:
-        print(
-            f"no feasible trial yet (constraints: {constraints}). `yoloprune results CONFIG --all` lists every trial."
-        )
-    else:
-        print(f"Pareto front (feasible: {constraints}):")
-        print(_table(front_table(front)))
-    print(f"\ntrials.csv, per-trial checkpoints and the study database are in {out}")
+    print(render_results(config, show_all=show_all))
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

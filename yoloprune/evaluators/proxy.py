@@ -93,7 +93,9 @@ class ProxyEvaluator:
         """
         timings = dict.fromkeys(PHASES, 0.0)
         with _timed(timings, "prune"):
-            model = prune(self.base, candidate.ratios, importance=candidate.importance, round_to=candidate.round_to)
+            model: nn.Module = prune(
+                self.base, candidate.ratios, importance=candidate.importance, round_to=candidate.round_to
+            )
             costs = measure_costs(model, self.imgsz)
         cost_metrics = {"params": float(costs.params), "gflops": costs.gflops, "size_mb": costs.size_mb}
         if self.cfg.bn_batches > 0:

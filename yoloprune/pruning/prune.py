@@ -13,7 +13,7 @@ from yoloprune.errors import SearchSpaceError, YoloPruneError, did_you_mean
 from yoloprune.log import get_logger
 from yoloprune.pruning.stages import Stage, check_ratios, find_stages
 from yoloprune.ultra.blocks import attention_layers, fold_c2f_blocks, split_c2f_blocks
-from yoloprune.ultra.models import DetectionModel, check_detector, detect_head
+from yoloprune.ultra.models import DetectionModel, check_detector, detect_head, layers
 
 LOGGER = get_logger(__name__)
 
@@ -112,8 +112,8 @@ def stage_of_layer(stages: list[Stage]) -> dict[int, str]:
 
 def _ignored_layers(model: DetectionModel) -> list[nn.Module]:
     ignored = [detect_head(model)]
-    for i in attention_layers(model.model):
-        layer = model.model[i]
+    for i in attention_layers(layers(model)):
+        layer = layers(model)[i]
         LOGGER.info(
             "layer %d (%s) holds self-attention; it is left whole (its input channels may still follow "
             "the previous layer).",
@@ -134,7 +134,7 @@ def _ratio_per_conv(
         if not stage.prunable or ratio <= 0.0:
             continue
         for i in stage.layers:
-            for conv in model.model[i].modules():
+            for conv in layers(model)[i].modules():
                 if not isinstance(conv, nn.Conv2d):
                     continue
                 channels = conv.out_channels

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from yoloprune.errors import SearchSpaceError, did_you_mean
-from yoloprune.ultra.models import check_detector
+from yoloprune.ultra.models import check_detector, layers
 
 HEAD = "head"
 NECK = "neck"
@@ -40,9 +40,10 @@ class Stage:
 def find_stages(model: nn.Module, probe_size: int = 128) -> list[Stage]:
     """Derive the named stages of ``model`` (a DetectionModel)."""
     model = check_detector(model)
-    layers = model.model
-    n_backbone = len(model.yaml.get("backbone", [])) if isinstance(getattr(model, "yaml", None), dict) else 0
-    if not 0 < n_backbone < len(layers):
+    n_layers = len(layers(model))
+    spec = getattr(model, "yaml", None)
+    n_backbone = len(spec.get("backbone", [])) if isinstance(spec, dict) else 0
+    if not 0 < n_backbone < n_layers:
         raise SearchSpaceError("cannot tell the backbone from the head: the model carries no Ultralytics yaml.")
     strides = _layer_strides(model, probe_size)
 
@@ -58,8 +59,8 @@ def find_stages(model: nn.Module, probe_size: int = 128) -> list[Stage]:
         current.append(i)
     if current:
         stages.append(Stage(current_name, tuple(current)))
-    stages.append(Stage(NECK, tuple(range(n_backbone, len(layers) - 1))))
-    stages.append(Stage(HEAD, (len(layers) - 1,), prunable=False))
+    stages.append(Stage(NECK, tuple(range(n_backbone, n_layers - 1))))
+    stages.append(Stage(HEAD, (n_layers - 1,), prunable=False))
     return stages
 
 
@@ -87,7 +88,7 @@ def layer_output_shapes(model: nn.Module, size: int = 128) -> list[tuple[int, in
     """``(channels, height, width)`` of each layer's output for a ``size`` x ``size`` input (None: not a map)."""
     shapes: dict[int, tuple[int, int, int]] = {}
     hooks = []
-    for i, layer in enumerate(model.model):
+    for i, layer in enumerate(layers(model)):
 
         def hook(_m: nn.Module, _inp: object, out: object, i: int = i) -> None:
             if isinstance(out, torch.Tensor) and out.ndim == 4:
@@ -103,7 +104,7 @@ def layer_output_shapes(model: nn.Module, size: int = 128) -> list[tuple[int, in
         for h in hooks:
             h.remove()
         model.train(was_training)
-    return [shapes.get(i) for i in range(len(model.model))]
+    return [shapes.get(i) for i in range(len(layers(model)))]
 
 
 def _layer_strides(model: nn.Module, size: int) -> list[float]:

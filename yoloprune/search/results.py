@@ -10,6 +10,7 @@ import pandas as pd
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.search.objectives import pareto_mask
+from yoloprune.tables import format_table
 
 METRIC_COLUMNS = (
     "map50", "map50_95", "map50_95_drop", "gflops", "flops_reduction", "params", "params_reduction", "size_mb",
@@ -80,3 +81,40 @@ def front_table(front: pd.DataFrame) -> pd.DataFrame:
         columns={"map50_95_drop": "mAP_drop_%", "flops_reduction": "FLOPs_-%", "params_reduction": "params_-%"}
     )
     return table.round(4).replace({np.nan: None})
+
+
+def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
+    """The text ``yoloprune results`` prints; also writes ``<output>/trials.csv``."""
+    from yoloprune.search.optuna_engine import open_study
+    from yoloprune.storage import Store
+
+    study = open_study(config, create=False)
+    trials = trials_frame(study)
+    out = config.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    trials.to_csv(out / "trials.csv", index=False)
+    store = Store(config.storage_url)
+    exp_id = store.find_experiment(config.name)
+    base = store.latest_baseline(exp_id) if exp_id is not None else None
+    counts = summary_counts(trials)
+    lines = [
+        f"\nexperiment '{config.name}': " + ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "complete")
+    ]
+    if base:
+        lines.append(
+            f"baseline: mAP50-95 {base['map50_95']:.4f}  mAP50 {base['map50']:.4f}  GFLOPs {base['gflops']:.3f}  "
+            f"params {int(base['params']):,d}"
+        )
+    constraints = ", ".join(c.describe() for c in config.constraints) or "none"
+    front = pareto_front(trials, config)
+    if show_all:
+        lines.append(format_table(trials))
+    elif front.empty:
+        lines.append(
+            f"no feasible trial yet (constraints: {constraints}). `yoloprune results CONFIG --all` lists every trial."
+        )
+    else:
+        lines.append(f"Pareto front (feasible: {constraints}):")
+        lines.append(format_table(front_table(front)))
+    lines.append(f"\ntrials.csv, per-trial checkpoints and the study database are in {out}")
+    return "\n".join(lines)

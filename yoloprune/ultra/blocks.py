@@ -103,7 +103,7 @@ def _slice_conv_out(conv: Conv, index: slice) -> Conv:
     new = copy.deepcopy(conv)
     c = new.conv
     c.weight = nn.Parameter(conv.conv.weight.data[index].clone())
-    if c.bias is not None:
+    if conv.conv.bias is not None:
         c.bias = nn.Parameter(conv.conv.bias.data[index].clone())
     c.out_channels = c.weight.shape[0]
     _set_bn(new.bn, conv.bn, index)
@@ -115,7 +115,7 @@ def _concat_conv_out(a: Conv, b: Conv) -> Conv:
     new = copy.deepcopy(a)
     c = new.conv
     c.weight = nn.Parameter(torch.cat([a.conv.weight.data, b.conv.weight.data]))
-    if c.bias is not None:
+    if a.conv.bias is not None and b.conv.bias is not None:
         c.bias = nn.Parameter(torch.cat([a.conv.bias.data, b.conv.bias.data]))
     c.out_channels = c.weight.shape[0]
     bn = new.bn
@@ -130,6 +130,9 @@ def _concat_conv_out(a: Conv, b: Conv) -> Conv:
 def _set_bn(target: nn.BatchNorm2d, source: nn.BatchNorm2d, index: slice) -> None:
     target.weight = nn.Parameter(source.weight.data[index].clone())
     target.bias = nn.Parameter(source.bias.data[index].clone())
-    target.running_mean = source.running_mean[index].clone()
-    target.running_var = source.running_var[index].clone()
+    mean, var = source.running_mean, source.running_var
+    if mean is None or var is None:
+        raise YoloPruneError("internal error: a BatchNorm without running statistics cannot be split.")
+    target.running_mean = mean[index].clone()
+    target.running_var = var[index].clone()
     target.num_features = target.weight.shape[0]

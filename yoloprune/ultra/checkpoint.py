@@ -46,7 +46,7 @@ def save_checkpoint(
         p.requires_grad_(False)
     args = {**DEFAULT_CFG_DICT, **(getattr(model, "args", None) or {}), **(train_args or {})}
     args = {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, list, tuple, type(None)))}
-    stored.args = args
+    setattr(stored, "args", args)  # noqa: B010  (Ultralytics reads model.args)
     ckpt = {
         "date": datetime.now(timezone.utc).isoformat(),
         "version": ultralytics.__version__,

@@ -7,7 +7,7 @@ configs (no download); a ``.pt`` path must exist on disk: nothing is ever fetche
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -91,15 +91,20 @@ def check_detector(model: nn.Module) -> DetectionModel:
     task = getattr(model, "task", None) or guess_model_task(model)
     if task != "detect" or not isinstance(detect_head(model), Detect):
         raise ModelError(
-            f"the model is a '{task}' model ({type(model).__name__}, head {type(model.model[-1]).__name__}); "
+            f"the model is a '{task}' model ({type(model).__name__}, head {type(detect_head(model)).__name__}); "
             "yoloprune supports detection models only (task 'detect')."
         )
     return model
 
 
-def detect_head(model: DetectionModel) -> nn.Module:
+def layers(model: nn.Module) -> nn.Sequential:
+    """The model's layer list (``model.model``), typed."""
+    return cast(nn.Sequential, model.model)
+
+
+def detect_head(model: nn.Module) -> nn.Module:
     """The model's last layer (its ``Detect`` head)."""
-    return model.model[-1]
+    return layers(model)[-1]
 
 
 def _check_pt_path(path: Path) -> None:

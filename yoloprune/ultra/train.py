@@ -55,7 +55,7 @@ class PrunedDetectionTrainer(DetectionTrainer):
     def __init__(self, model: nn.Module, overrides: dict[str, Any]) -> None:
         self._pruned = model
         super().__init__(overrides=overrides)
-        self.model = model
+        setattr(self, "model", model)  # noqa: B010  (BaseTrainer types it as a path)
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         return self._pruned
@@ -130,9 +130,10 @@ def finetune(
     def _epoch_end(tr: DetectionTrainer) -> None:
         if tr.epoch >= tr.epochs:  # final_eval re-runs this callback with epoch + 1
             return
+        found: dict[str, Any] = dict(tr.metrics or {})
         metrics = {
-            "map50": float(tr.metrics.get("metrics/mAP50(B)", 0.0)),
-            "map50_95": float(tr.metrics.get("metrics/mAP50-95(B)", 0.0)),
+            "map50": float(found.get("metrics/mAP50(B)", 0.0)),
+            "map50_95": float(found.get("metrics/mAP50-95(B)", 0.0)),
         }
         history.append(metrics)
         if on_epoch is not None:

@@ -15,6 +15,7 @@ from torch import nn
 
 from yoloprune.data.check import IMAGE_SUFFIXES, DatasetInfo, inspect_dataset
 from yoloprune.errors import DatasetError, EvaluatorError
+from yoloprune.ultra.models import detect_head
 from yoloprune.ultra.offline import configure_offline
 
 configure_offline()
@@ -56,7 +57,7 @@ class ValResult:
 
 def check_classes(model: nn.Module, info: DatasetInfo) -> None:
     """Raise if the model's number of classes differs from the dataset's."""
-    nc = int(getattr(model, "nc", 0) or getattr(model.model[-1], "nc", 0))
+    nc = int(getattr(model, "nc", 0) or getattr(detect_head(model), "nc", 0))
     if nc != info.nc:
         raise DatasetError(
             f"the model predicts {nc} classes but dataset '{info.yaml_path}' has {info.nc} ({list(info.names.values())}). "
@@ -145,7 +146,7 @@ def recalibrate_bn(
     letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False)
     try:
         for start in range(0, len(files), batch):
-            images = [letterbox(image=cv2.imread(str(f))) for f in files[start : start + batch]]
+            images = [np.asarray(letterbox(image=cv2.imread(str(f)))) for f in files[start : start + batch]]
             x = torch.from_numpy(np.stack(images)[..., ::-1].transpose(0, 3, 1, 2).copy()).float() / 255
             model(x.to(device))
     finally:
