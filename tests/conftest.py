@@ -38,3 +38,22 @@ def plain_env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOPRUNE", "PYTHONPATH"))}
     env.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_CONFIG_DIR": str(ultralytics_config_dir())})
     return env
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory):
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (skipped, with the reason, where none can be started)."""
+    from tests.pg import Cluster, server_bin
+
+    if server_bin() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed; .ci/run installs them")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        pytest.skip("psycopg is not installed (pip install -e '.[dev]')")
+    root = Path(tempfile.mkdtemp(prefix="yoloprune-pg-"))
+    cluster = Cluster(root)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

@@ -175,3 +175,18 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(tmp_path, tiny_data,
     assert states.count(TrialState.COMPLETE) == 3 and states.count(TrialState.FAIL) == 1
     failed = next(t for t in study.get_trials() if t.state == TrialState.FAIL)
     assert failed.user_attrs["error"] == "RuntimeError: CUDA out of memory (simulated)"
+
+
+def test_the_same_search_runs_on_postgresql(tmp_path, tiny_data, postgres):
+    from yoloprune.search.results import render_results
+    from yoloprune.search.runner import run_search
+
+    url = postgres.create_database("search_e2e")
+    cfg = load_config(_config(tmp_path, tiny_data, "pg", storage=url))
+    study = run_search(cfg, progress=False)
+    assert [t.state for t in study.get_trials()] == [TrialState.COMPLETE] * 3
+    assert all(set(t.user_attrs["metrics"]) >= METRICS for t in study.get_trials())
+    text = render_results(cfg, show_all=True)
+    assert "3 complete" in text and "baseline: mAP50-95" in text
+    store = Store(url)
+    assert len(store.artifacts(store.find_experiment("pg"))) == 3

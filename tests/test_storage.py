@@ -10,8 +10,16 @@ from yoloprune.errors import BackendUnavailableError, StorageError, YoloPruneErr
 from yoloprune.storage import Store
 
 
-def test_experiments_baselines_artifacts(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'sub' / 'db.sqlite'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    """The same storage tests on SQLite and on a real PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'sub' / 'db.sqlite'}"
+    return request.getfixturevalue("postgres").create_database(f"t_{tmp_path.name[-20:].lower().replace('-', '_')}")
+
+
+def test_experiments_baselines_artifacts(tmp_path, url):
+    store = Store(url)
     a = store.experiment_id("exp", {"v": 1})
     assert store.experiment_id("exp", {"v": 2}) == a and store.find_experiment("exp") == a
     assert store.find_experiment("other") is None
@@ -28,8 +36,8 @@ def test_experiments_baselines_artifacts(tmp_path):
     assert Store(store.url).baseline(a, "k") is not None
 
 
-def test_duplicate_baseline_is_a_storage_error(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}")
+def test_duplicate_baseline_is_a_storage_error(url):
+    store = Store(url)
     a = store.experiment_id("exp", {})
     store.save_baseline(a, "k", {})
     with pytest.raises(StorageError, match="IntegrityError"):

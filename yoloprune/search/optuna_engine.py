@@ -16,6 +16,7 @@ from yoloprune.config import EngineConfig, ExperimentConfig
 from yoloprune.errors import ConfigError, StorageError
 from yoloprune.log import get_logger
 from yoloprune.spaces import SearchSpace
+from yoloprune.storage.db import normalize_url
 
 LOGGER = get_logger(__name__)
 
@@ -88,7 +89,7 @@ def open_study(config: ExperimentConfig, *, create: bool = True) -> optuna.Study
 
 def rdb_storage(url: str) -> RDBStorage:
     try:
-        return RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return RDBStorage(normalize_url(url), engine_kwargs={"pool_pre_ping": True})
     except Exception as e:  # Optuna wraps driver errors in several types
         raise StorageError(f"cannot open Optuna storage '{url}': {e}") from e
 

@@ -69,8 +69,21 @@ class ArtifactRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
+def normalize_url(url: str) -> str:
+    """Give a plain ``postgresql://`` URL the psycopg 3 driver (the ``postgres`` extra) unless psycopg2 is there."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            try:
+                import psycopg2  # type: ignore[import-untyped]  # noqa: F401
+            except ImportError:
+                return "postgresql+psycopg://" + url.removeprefix(prefix)
+            return "postgresql://" + url.removeprefix(prefix)
+    return url
+
+
 def engine_for(url: str) -> Engine:
     """A SQLAlchemy engine for ``url``, checked by connecting once; clear errors otherwise."""
+    url = normalize_url(url)
     try:
         parsed = make_url(url)
     except ArgumentError as e:
