@@ -129,3 +129,24 @@ def test_split_and_fold_are_exact(base):
 def test_zero_ratios_return_an_unchanged_copy(base):
     pruned = prune(base, {"neck": 0.0})
     assert pruned is not base and count_params(pruned) == count_params(base)
+
+
+@pytest.mark.parametrize("cfg", ["yolov3-tinyu.yaml", "yolov6n.yaml", "yolov10n.yaml", "yolo12n.yaml", "yolo26n.yaml"])
+def test_other_detector_families_prune(cfg):
+    base = load_detector(cfg, nc=6).eval()
+    stages = [s.name for s in find_stages(base) if s.prunable]
+    pruned = prune(base, dict.fromkeys(stages, 0.3), round_to=8).eval()
+    assert measure_costs(pruned, 320).gflops < 0.85 * measure_costs(base, 320).gflops
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        a, b = base(x), pruned(x)
+    first = lambda y: y[0] if isinstance(y, (list, tuple)) else next(iter(y.values())) if isinstance(y, dict) else y  # noqa: E731
+    assert first(a).shape == first(b).shape
+
+
+def test_unsupported_architecture_gets_a_clear_error():
+    from yoloprune.errors import ModelError
+
+    base = load_detector("yolov9t.yaml", nc=6)
+    with pytest.raises(ModelError, match="YOLOv9's ELAN/ADown blocks are not"):
+        prune(base, {"neck": 0.3})

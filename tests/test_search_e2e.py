@@ -190,3 +190,33 @@ def test_the_same_search_runs_on_postgresql(tmp_path, tiny_data, postgres):
     assert "3 complete" in text and "baseline: mAP50-95" in text
     store = Store(url)
     assert len(store.artifacts(store.find_experiment("pg"))) == 3
+
+
+def test_ctrl_c_stops_cleanly_and_the_trial_is_retried(tmp_path, tiny_data):
+    cfg_path = _config(tmp_path, tiny_data, "ctrlc", finetune={"epochs": 4, "batch": 8, "bn_batches": 1},
+                       constraints=[], budget={"trials": 2})  # fmt: skip
+    proc = subprocess.Popen([*CLI, "search", str(cfg_path), "--no-progress"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:  # wait until the first trial is fine-tuning
+            time.sleep(0.5)
+            try:
+                if any(t.user_attrs.get("epochs") for t in _study(cfg_path).get_trials()):
+                    break
+            except Exception:
+                continue
+        os.killpg(proc.pid, signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "finished trials are kept" in err
+    [stopped] = _study(cfg_path).get_trials()
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["interrupted"]
+    resumed = _run("search", str(cfg_path), "--no-progress", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = _study(cfg_path).get_trials()
+    assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
+    assert any(t.user_attrs.get("retry_of") == stopped.number and t.params == stopped.params for t in trials)

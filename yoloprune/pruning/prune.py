@@ -9,7 +9,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from yoloprune.errors import SearchSpaceError, YoloPruneError, did_you_mean
+from yoloprune.errors import ModelError, SearchSpaceError, YoloPruneError, did_you_mean
 from yoloprune.log import get_logger
 from yoloprune.pruning.stages import Stage, check_ratios, find_stages
 from yoloprune.ultra.blocks import attention_layers, fold_c2f_blocks, split_c2f_blocks
@@ -80,8 +80,8 @@ def prune(
     if not any(ratios.values()):
         return work.train(was_training)
 
-    ignored = _ignored_layers(work)
     split_c2f_blocks(work)
+    ignored = _ignored_layers(work)  # after the split, so the split halves are ignored too
     try:
         device = next(work.parameters()).device
         example = torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device)
@@ -98,7 +98,13 @@ def prune(
                 round_to=round_to if round_to > 1 else None,
                 output_transform=_flatten_outputs,
             )
-            pruner.step()
+            try:
+                pruner.step()
+            except (IndexError, RuntimeError, ValueError) as e:
+                raise ModelError(
+                    f"Torch-Pruning could not prune this architecture ({type(e).__name__}: {e}). Supported: YOLOv3u, "
+                    "YOLOv5u, YOLOv6, YOLOv8, YOLOv10, YOLO11, YOLO12 and YOLO26 detectors; YOLOv9's ELAN/ADown blocks are not."
+                ) from e
     finally:
         fold_c2f_blocks(work)
     _check_forward(work)
