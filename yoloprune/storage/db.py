@@ -1,7 +1,8 @@
 """The project's own tables, beside Optuna's, in the same database (SQLite by default, PostgreSQL too).
 
 Optuna's RDB storage holds studies, trials, parameters, values and per-trial metrics (user attributes).
-These tables hold what Optuna does not: experiments, baselines, and artifacts with paths and hashes.
+These tables hold what Optuna does not: experiments, baselines, artifacts with paths and hashes, and
+latency measurements (a cache keyed by architecture, backend and spec).
 """
 
 from __future__ import annotations
@@ -74,11 +75,21 @@ def normalize_url(url: str) -> str:
     for prefix in ("postgresql://", "postgres://"):
         if url.startswith(prefix):
             try:
-                import psycopg2  # type: ignore[import-untyped]  # noqa: F401
+                import psycopg2  # noqa: F401
             except ImportError:
                 return "postgresql+psycopg://" + url.removeprefix(prefix)
             return "postgresql://" + url.removeprefix(prefix)
     return url
+
+
+class LatencyRow(Base):
+    """One latency measurement, keyed by architecture signature, backend, spec and machine."""
+
+    __tablename__ = "yp_latency"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)
+    result: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 def engine_for(url: str) -> Engine:
@@ -194,6 +205,17 @@ class Store:
                 {"trial": r.trial_number, "kind": r.kind, "path": r.path, "sha256": r.sha256, "bytes": r.size_bytes}
                 for r in rows
             ]
+
+    def latency(self, key: str) -> dict[str, Any] | None:
+        """A cached latency measurement, or None."""
+        with self.session() as s:
+            row = s.scalar(select(LatencyRow).where(LatencyRow.key == key))
+            return None if row is None else dict(row.result)
+
+    def save_latency(self, key: str, result: dict[str, Any]) -> None:
+        with self.session() as s:
+            if s.scalar(select(LatencyRow).where(LatencyRow.key == key)) is None:
+                s.add(LatencyRow(key=key, result=json.loads(json.dumps(result))))
 
 
 def file_sha256(path: Path) -> str:

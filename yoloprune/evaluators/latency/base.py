@@ -1,0 +1,147 @@
+"""The latency-backend extension point: a small ABC, a name registry, and the measurement records."""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from torch import nn
+
+from yoloprune.errors import BackendUnavailableError, ConfigError, did_you_mean
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+@dataclass(frozen=True)
+class LatencySpec:
+    """How to measure.
+
+    Attributes:
+        imgsz: square input side.
+        batch: batch size.
+        device: ``cpu`` or ``cuda`` (``cuda:N``).
+        precision: ``fp32``, ``fp16`` or ``int8`` (what the backend supports).
+        warmup: untimed runs first.
+        min_runs: timed runs at least.
+        max_runs: timed runs at most.
+        cv_target: stop once the coefficient of variation of the timed runs is below this.
+        threads: intra-op threads on the CPU (None: the runtime's default).
+        cuda_graph: replay a captured CUDA graph (torch backend on CUDA).
+    """
+
+    imgsz: int = 640
+    batch: int = 1
+    device: str = "cpu"
+    precision: Precision = "fp32"
+    warmup: int = 10
+    min_runs: int = 20
+    max_runs: int = 300
+    cv_target: float = 0.05
+    threads: int | None = None
+    cuda_graph: bool = True
+
+    def key(self) -> str:
+        """Everything about the measurement that changes its result."""
+        d = asdict(self)
+        for k in ("warmup", "min_runs", "max_runs", "cv_target"):
+            d.pop(k)
+        return json.dumps(d, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class LatencyResult:
+    """Statistics of one measurement, in milliseconds per batch."""
+
+    backend: str
+    median_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    cv: float
+    runs: int
+    peak_memory_mb: float | None
+    model_bytes: int | None
+    env: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_times(
+        cls,
+        backend: str,
+        times: list[float],
+        *,
+        peak_memory_mb: float | None,
+        model_bytes: int | None,
+        env: dict[str, Any],
+    ) -> LatencyResult:
+        """Statistics of the timed runs (milliseconds each)."""
+        from yoloprune.evaluators.latency.stats import summarize
+
+        s = summarize(times)
+        return cls(backend, s["median_ms"], s["p90_ms"], s["p99_ms"], s["mean_ms"], s["cv"], int(s["runs"]),
+                   peak_memory_mb, model_bytes, env)  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LatencyResult:
+        return cls(**d)
+
+
+class LatencyBackend(abc.ABC):
+    """Measures the latency of a model on one runtime. Subclasses register with :func:`register_backend`."""
+
+    #: registry name, e.g. ``onnxruntime``
+    name: ClassVar[str]
+    #: the pip extra (or package) that provides the runtime, named in errors
+    requires: ClassVar[str] = ""
+
+    @classmethod
+    def available(cls) -> bool:
+        """True when the runtime can be imported here."""
+        return True
+
+    @abc.abstractmethod
+    def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
+        """Time ``model`` (a DetectionModel) as this runtime runs it; ``workdir`` may hold exported files."""
+
+    def environment(self, spec: LatencySpec) -> dict[str, Any]:
+        """What the measurement ran on (device, versions, precision, batch, image size)."""
+        return {"backend": self.name, "machine": platform.machine(), "processor": platform.processor() or None,
+                **json.loads(spec.key())}  # fmt: skip
+
+
+_BACKENDS: dict[str, type[LatencyBackend]] = {}
+
+
+def register_backend(cls: type[LatencyBackend]) -> type[LatencyBackend]:
+    """Class decorator: make a backend available by its ``name``."""
+    _BACKENDS[cls.name] = cls
+    return cls
+
+
+def backend_names() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> LatencyBackend:
+    """An instance of the backend registered as ``name``; clear errors for unknown or unavailable ones."""
+    if name not in _BACKENDS:
+        raise ConfigError(
+            f"unknown latency backend '{name}'.{did_you_mean(name, _BACKENDS)} Known: {', '.join(backend_names())}."
+        )
+    cls = _BACKENDS[name]
+    if not cls.available():
+        raise BackendUnavailableError(f"latency backend '{name}' needs {cls.requires}, which is not installed here.")
+    return cls()
+
+
+def architecture_signature(model: nn.Module) -> str:
+    """A hash of every parameter's and buffer's name and shape: equal for the same pruned architecture."""
+    parts = [(n, list(t.shape)) for n, t in model.state_dict().items()]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]

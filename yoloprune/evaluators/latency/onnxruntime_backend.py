@@ -1,0 +1,66 @@
+"""ONNX Runtime: the CPU execution provider, and CUDA / TensorRT providers where onnxruntime-gpu has them."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from yoloprune.errors import BackendUnavailableError
+from yoloprune.evaluators.latency.base import LatencyBackend, LatencyResult, LatencySpec, register_backend
+from yoloprune.evaluators.latency.stats import time_until_stable
+
+
+@register_backend
+class OnnxRuntimeBackend(LatencyBackend):
+    name = "onnxruntime"
+    requires = "onnxruntime (installed with yoloprune; onnxruntime-gpu for CUDA)"
+
+    @classmethod
+    def available(cls) -> bool:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
+        from yoloprune.deploy.onnx import export_onnx
+
+        path = export_onnx(model, Path(workdir) / "latency.onnx", imgsz=spec.imgsz, batch=spec.batch)
+        return self.measure_file(path, spec)
+
+    def measure_file(self, path: Path, spec: LatencySpec) -> LatencyResult:
+        """Time an ONNX file (also what the remote agent runs)."""
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        if spec.threads:
+            options.intra_op_num_threads = spec.threads
+        session = ort.InferenceSession(str(path), options, providers=self._providers(spec, ort))
+        feed = {session.get_inputs()[0].name: np.zeros((spec.batch, 3, spec.imgsz, spec.imgsz), dtype=np.float32)}
+
+        def run_once() -> float:
+            start = time.perf_counter()
+            session.run(None, feed)
+            return (time.perf_counter() - start) * 1000
+
+        times = time_until_stable(run_once, spec)
+        env = {**self.environment(spec), "onnxruntime": ort.__version__, "providers": session.get_providers()}
+        return LatencyResult.from_times(
+            self.name, times, peak_memory_mb=None, model_bytes=Path(path).stat().st_size, env=env
+        )
+
+    @staticmethod
+    def _providers(spec: LatencySpec, ort: object) -> list[str]:
+        available = ort.get_available_providers()  # type: ignore[attr-defined]
+        if spec.device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in available:
+                raise BackendUnavailableError(
+                    "onnxruntime on CUDA needs onnxruntime-gpu (pip install onnxruntime-gpu); only "
+                    f"{available} are installed."
+                )
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
