@@ -48,6 +48,18 @@ def test_defaults_are_the_issue_defaults():
         cfg.imgsz = 320  # type: ignore[misc]
 
 
+def test_latency_targets_make_latency_the_default_objective():
+    cfg = config_from_dict({**MINIMAL, "targets": [{"name": "x86", "backend": "onnxruntime", "threads": 2}]})
+    assert [o.metric for o in cfg.objectives] == ["map50_95", "latency_ms.x86"]
+    assert cfg.targets[0].imgsz is None and cfg.targets[0].cv_target == 0.05
+    with pytest.raises(ConfigError, match="names latency target 'jetson', which is not configured"):
+        config_from_dict({**MINIMAL, "constraints": [{"metric": "latency_ratio.jetson", "max": 0.8}]})
+    with pytest.raises(ConfigError, match="unknown latency backend 'tensorrtt'"):
+        config_from_dict({**MINIMAL, "targets": [{"name": "a", "backend": "tensorrtt"}]})
+    with pytest.raises(ConfigError, match="target names repeat"):
+        config_from_dict({**MINIMAL, "targets": [{"name": "a"}, {"name": "a"}]})
+
+
 def test_relative_paths_follow_the_config_file(tmp_path):
     (tmp_path / "data.yaml").write_text("x: 1")
     cfg = load_config(_write(tmp_path, {**MINIMAL, "output": "out", "storage": "sqlite:///db/s.db"}))
@@ -68,7 +80,7 @@ def test_relative_paths_follow_the_config_file(tmp_path):
         ({"space": {"ratios": {}}}, "at least one stage"),
         ({"space": {"ratios": {"neck": 0.3}, "importance": "l3"}}, "unknown importance 'l3'"),
         ({"constraints": [{"metric": "gflops", "max": 1, "min": 0}]}, "exactly one of max or min"),
-        ({"constraints": [{"metric": "latency", "max": 1}]}, "constraints.0.metric"),
+        ({"constraints": [{"metric": "latency", "max": 1}]}, "unknown metric 'latency'"),
         ({"engine": {"sampler": "cmaes"}}, "engine.sampler"),
         ({"budget": {"trials": None}}, "budget.trials, budget.timeout_s or both"),
         ({"imgsz": 300}, "multiple of 32"),

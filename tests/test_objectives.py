@@ -18,6 +18,12 @@ def test_relative_metrics():
     assert relative_metrics({"map50_95": 0.1}, {"map50_95": 0.0})["map50_95_drop"] == 0.0
 
 
+def test_latency_metrics_are_relative_to_this_sessions_baseline():
+    m = relative_metrics({"latency_ms.cpu": 6.0, "gflops": 4.0}, {**BASE, "latency_ms.cpu": 8.0})
+    assert m["latency_ratio.cpu"] == pytest.approx(0.75) and m["latency_reduction.cpu"] == pytest.approx(0.25)
+    assert Constraint(metric="latency_ratio.cpu", max=0.8).on_cost  # checked before any fine-tune
+
+
 def test_violations_follow_optuna_sign_convention():
     ok = relative_metrics({"map50_95": 0.495, "gflops": 3.0}, BASE)
     bad = relative_metrics({"map50_95": 0.4, "gflops": 6.0}, BASE)

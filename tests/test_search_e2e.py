@@ -22,7 +22,8 @@ pytestmark = pytest.mark.slow
 
 CLI = [sys.executable, "-m", "yoloprune.cli"]
 METRICS = {"map50", "map50_95", "map50_drop", "map50_95_drop", "params", "gflops", "size_mb",
-           "params_reduction", "flops_reduction", "size_reduction"}  # fmt: skip
+           "params_reduction", "flops_reduction", "size_reduction",
+           "latency_ms.cpu", "latency_ratio.cpu", "latency_reduction.cpu"}  # fmt: skip
 
 
 def _config(tmp_path: Path, data_yaml: Path, name: str, **changes) -> Path:
@@ -37,6 +38,13 @@ def _config(tmp_path: Path, data_yaml: Path, name: str, **changes) -> Path:
             "round_to": [1, 8],
         },
         "finetune": {"epochs": 1, "batch": 8, "bn_batches": 1},
+        "targets": [
+            {"name": "cpu", "backend": "onnxruntime", "threads": 1, "min_runs": 5, "max_runs": 10, "warmup": 1}
+        ],
+        "objectives": [
+            {"metric": "map50_95", "direction": "maximize"},
+            {"metric": "latency_ms.cpu", "direction": "minimize"},
+        ],
         "constraints": [{"metric": "flops_reduction", "min": 0.25}],
         "engine": {"sampler": "random", "seed": 1},
         "budget": {"trials": 3},
@@ -67,7 +75,8 @@ def test_cli_search_stores_every_trial_and_results_reads_them(tmp_path, tiny_dat
     assert len(complete) == 3
     for t in complete:
         assert set(t.user_attrs["metrics"]) >= METRICS, t.user_attrs["metrics"].keys()
-        assert len(t.values) == 2 and t.values[1] == pytest.approx(t.user_attrs["metrics"]["gflops"])
+        assert len(t.values) == 2 and t.values[1] == pytest.approx(t.user_attrs["metrics"]["latency_ms.cpu"])
+        assert t.user_attrs["latency"]["cpu"]["runs"] >= 5 and t.user_attrs["timings"]["latency"] > 0
         assert set(t.user_attrs["per_class"]) == {"circle", "square", "triangle", "star", "ring", "cross"}
         assert {"prune", "bn", "finetune", "validation", "latency", "other", "total"} <= set(t.user_attrs["timings"])
         assert t.user_attrs["feasible"] == (t.user_attrs["metrics"]["flops_reduction"] >= 0.25)
@@ -85,6 +94,7 @@ def test_cli_search_stores_every_trial_and_results_reads_them(tmp_path, tiny_dat
     res = _run("results", str(cfg_path), cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert "baseline: mAP50-95" in res.stdout and "3 complete" in res.stdout
+    assert "latency on 'cpu': baseline" in res.stdout
     csv = (cfg.output_dir / "trials.csv").read_text().splitlines()
     assert len(csv) == 4 and csv[0].startswith("trial,state,feasible")
 

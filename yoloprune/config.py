@@ -13,7 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from yoloprune.errors import ConfigError, did_you_mean
-from yoloprune.search.objectives import Constraint, Objective, RewardConfig
+from yoloprune.search.objectives import Constraint, Objective, RewardConfig, latency_target_of
 from yoloprune.spaces.space import SearchSpace
 
 BUILTIN_PREFIX = "builtin:"
@@ -82,6 +82,47 @@ class BudgetConfig(_Section):
         return self
 
 
+class LatencyTarget(_Section):
+    """A device and runtime whose measured latency the search can optimise or constrain.
+
+    Attributes:
+        name: used in metric names: ``latency_ms.<name>``, ``latency_ratio.<name>``...
+        backend: a registered latency backend: ``onnxruntime`` or ``torch``.
+        device: ``cpu`` or ``cuda`` / ``cuda:N``.
+        precision: ``fp32`` or ``fp16`` (fp16 on CUDA).
+        batch: batch size.
+        imgsz: input size (default: the experiment's).
+        threads: CPU intra-op threads (default: the runtime's).
+        cuda_graph: replay a captured CUDA graph (torch on CUDA).
+        warmup, min_runs, max_runs, cv_target: the timing discipline (repeat until the coefficient of
+            variation is below ``cv_target``, within the run bounds).
+    """
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    backend: str = "onnxruntime"
+    device: str = "cpu"
+    precision: Literal["fp32", "fp16"] = "fp32"
+    batch: int = Field(1, ge=1)
+    imgsz: int | None = Field(None, ge=32)
+    threads: int | None = Field(None, ge=1)
+    cuda_graph: bool = True
+    warmup: int = Field(10, ge=0)
+    min_runs: int = Field(20, ge=2)
+    max_runs: int = Field(300, ge=2)
+    cv_target: float = Field(0.05, gt=0)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        from yoloprune.evaluators.latency import backend_names
+
+        if v not in backend_names():
+            raise ValueError(
+                f"unknown latency backend '{v}'.{did_you_mean(v, backend_names())} Known: {', '.join(backend_names())}"
+            )
+        return v
+
+
 def _default_objectives() -> list[Objective]:
     return [Objective(metric="map50_95", direction="maximize"), Objective(metric="gflops", direction="minimize")]
 
@@ -101,8 +142,10 @@ class ExperimentConfig(_Section):
         device: ``cpu``, ``0``... (default: the first GPU if any, else the CPU).
         space: the search space.
         finetune: the proxy fine-tune.
-        objectives: what the search optimises (default: maximise mAP50-95, minimise GFLOPs).
+        objectives: what the search optimises (default: maximise mAP50-95, and minimise the first latency
+            target's latency, or GFLOPs when no target is configured).
         constraints: hard limits (default: relative mAP50-95 drop <= 2%, FLOPs reduction >= 50%).
+        targets: latency targets measured for every candidate (right after pruning, before fine-tuning).
         reward: the scalar reward that ranks trials.
         engine: sampler, seed and pruner.
         budget: trial count and/or time budget.
@@ -119,6 +162,7 @@ class ExperimentConfig(_Section):
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1)
     constraints: list[Constraint] = Field(default_factory=_default_constraints)
+    targets: list[LatencyTarget] = Field(default_factory=list)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
@@ -132,11 +176,31 @@ class ExperimentConfig(_Section):
             raise ValueError(f"imgsz {v} must be a multiple of 32 (the detectors' largest stride)")
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _latency_objective_by_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "objectives" not in data and data.get("targets"):
+            first = data["targets"][0].get("name") if isinstance(data["targets"][0], dict) else None
+            if first:
+                data = {**data, "objectives": [{"metric": "map50_95", "direction": "maximize"},
+                                               {"metric": f"latency_ms.{first}", "direction": "minimize"}]}  # fmt: skip
+        return data
+
     @model_validator(mode="after")
     def _objectives_distinct(self) -> ExperimentConfig:
         names = [o.metric for o in self.objectives]
         if len(set(names)) != len(names):
             raise ValueError(f"objectives repeat a metric: {names}")
+        targets = [t.name for t in self.targets]
+        if len(set(targets)) != len(targets):
+            raise ValueError(f"latency target names repeat: {targets}")
+        for metric in [*names, *(c.metric for c in self.constraints), self.reward.cost]:
+            target = latency_target_of(metric)
+            if target is not None and target not in targets:
+                raise ValueError(
+                    f"metric '{metric}' names latency target '{target}', which is not configured "
+                    f"(targets: {', '.join(targets) or 'none'}); add it under targets:"
+                )
         return self
 
     @property
@@ -218,7 +282,9 @@ def _explain(error: ValidationError) -> str:
             lines.append(f"  - unknown key '{loc}'.{hint} Allowed here: {', '.join(allowed)}.")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"  - {loc or '(top level)'}: {msg} (got {err.get('input')!r})")
+            got = err.get("input")
+            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+            lines.append(f"  - {loc or '(top level)'}: {msg}{shown}")
     return "\n".join(lines)
 
 

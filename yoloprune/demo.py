@@ -117,7 +117,11 @@ DEMO_EXPERIMENT: dict[str, Any] = {
         "round_to": 8,
     },
     "finetune": {"epochs": 2, "batch": 16, "bn_batches": 10},
-    "objectives": [{"metric": "map50_95", "direction": "maximize"}, {"metric": "gflops", "direction": "minimize"}],
+    "targets": [{"name": "cpu_ort", "backend": "onnxruntime", "device": "cpu", "batch": 1}],
+    "objectives": [
+        {"metric": "map50_95", "direction": "maximize"},
+        {"metric": "latency_ms.cpu_ort", "direction": "minimize"},
+    ],
     "constraints": [{"metric": "map50_95_drop", "max": 0.7}, {"metric": "flops_reduction", "min": 0.3}],
     "engine": {"sampler": "tpe", "seed": 0, "pruner": "median", "startup_trials": 4},
     "budget": {"trials": 8},

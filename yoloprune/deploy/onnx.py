@@ -45,7 +45,7 @@ def export_onnx(
                     batch=batch,
                     dynamic=dynamic,
                     simplify=simplify,
-                    half=half,
+                    **({"quantize": 16} if half else {}),
                     device=device,
                     verbose=False,
                 )

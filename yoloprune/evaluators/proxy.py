@@ -16,6 +16,7 @@ from torch import nn
 
 from yoloprune.config import FinetuneConfig
 from yoloprune.data.check import DatasetInfo
+from yoloprune.evaluators.hardware import HardwareEvaluator
 from yoloprune.pruning import measure_costs, prune
 from yoloprune.spaces import Candidate
 from yoloprune.ultra.train import EpochCallback, finetune
@@ -42,6 +43,7 @@ class ProxyResult:
     finetuned: bool
     model: nn.Module
     epochs: list[dict[str, float]] = field(default_factory=list)
+    latency: dict[str, Any] = field(default_factory=dict)
 
 
 class ProxyEvaluator:
@@ -56,6 +58,7 @@ class ProxyEvaluator:
         device: str,
         finetune: FinetuneConfig,
         workdir: Path,
+        hardware: HardwareEvaluator | None = None,
     ) -> None:
         self.base = base
         self.data = data
@@ -63,6 +66,7 @@ class ProxyEvaluator:
         self.device = device
         self.cfg = finetune
         self.workdir = Path(workdir)
+        self.hardware = hardware
 
     def baseline(self) -> dict[str, Any]:
         """The unpruned model's metrics (no fine-tune)."""
@@ -98,6 +102,11 @@ class ProxyEvaluator:
             )
             costs = measure_costs(model, self.imgsz)
         cost_metrics = {"params": float(costs.params), "gflops": costs.gflops, "size_mb": costs.size_mb}
+        latency: dict[str, Any] = {}
+        if self.hardware is not None:  # the architecture is final now: latency needs no fine-tuned weights
+            with _timed(timings, "latency"):
+                measured, latency = self.hardware.measure(model)
+            cost_metrics.update(measured)
         if self.cfg.bn_batches > 0:
             with _timed(timings, "bn"):
                 recalibrate_bn(
@@ -133,7 +142,8 @@ class ProxyEvaluator:
         if val is None:
             with _timed(timings, "validation"):
                 val = validate(model, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
-        return ProxyResult(_raw(val, costs), _per_class(val), timings, finetuned, model, epochs)
+        raw = {**_raw(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
+        return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
 
 
 def _raw(val: ValResult, costs: Any) -> dict[str, float]:

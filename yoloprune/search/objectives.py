@@ -5,23 +5,47 @@ Metric names a config may use (``*_drop`` and ``*_reduction`` are relative to th
     map50, map50_95, map50_drop, map50_95_drop        accuracy (after the proxy fine-tune)
     params, gflops, size_mb                           cost
     params_reduction, flops_reduction, size_reduction cost, as 1 - candidate / baseline
+    latency_ms.<target>                               median latency measured on a configured target
+    latency_ratio.<target>, latency_reduction.<target> candidate / baseline, and 1 - that
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
 
 ACCURACY_METRICS = ("map50", "map50_95", "map50_drop", "map50_95_drop")
 COST_METRICS = ("params", "gflops", "size_mb", "params_reduction", "flops_reduction", "size_reduction")
 METRICS = ACCURACY_METRICS + COST_METRICS
-MetricName = Literal[
-    "map50", "map50_95", "map50_drop", "map50_95_drop",
-    "params", "gflops", "size_mb", "params_reduction", "flops_reduction", "size_reduction",
-]  # fmt: skip
+LATENCY_PREFIXES = ("latency_ms.", "latency_ratio.", "latency_reduction.")
+
+
+def check_metric_name(name: str) -> str:
+    """Return ``name`` if it is a known metric (latency metrics name a target), else raise ValueError."""
+    if name in METRICS or (name.startswith(LATENCY_PREFIXES) and name.split(".", 1)[1]):
+        return name
+    from yoloprune.errors import did_you_mean
+
+    raise ValueError(
+        f"unknown metric '{name}'.{did_you_mean(name, METRICS)} Known: {', '.join(METRICS)}, and "
+        "latency_ms.<target>, latency_ratio.<target>, latency_reduction.<target> for each latency target"
+    )
+
+
+MetricName = Annotated[str, AfterValidator(check_metric_name)]
+
+
+def is_cost_metric(name: str) -> bool:
+    """Known right after pruning, before any fine-tune (FLOPs, params, size, latency)."""
+    return name in COST_METRICS or name.startswith(LATENCY_PREFIXES)
+
+
+def latency_target_of(name: str) -> str | None:
+    """The target a latency metric refers to (None for other metrics)."""
+    return name.split(".", 1)[1] if name.startswith(LATENCY_PREFIXES) else None
 
 
 class Objective(BaseModel):
@@ -51,7 +75,7 @@ class Constraint(BaseModel):
     @property
     def on_cost(self) -> bool:
         """True when it can be checked right after pruning, before any fine-tune."""
-        return self.metric in COST_METRICS
+        return is_cost_metric(self.metric)
 
     def violation(self, metrics: Mapping[str, float]) -> float:
         """How far ``metrics`` are outside the bound: <= 0 when satisfied (Optuna's convention)."""
@@ -73,7 +97,7 @@ class RewardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     accuracy: Literal["map50", "map50_95"] = "map50_95"
-    cost: Literal["gflops", "params", "size_mb"] = "gflops"
+    cost: MetricName = "gflops"  # or params, size_mb, latency_ms.<target>
     weight: float = 0.3
     penalty: float = 1.0
 
@@ -97,6 +121,11 @@ def relative_metrics(raw: Mapping[str, float], baseline: Mapping[str, float]) ->
         if key in raw:
             base = float(baseline.get(key) or 0.0)
             out[name] = 1.0 - raw[key] / base if base > 0 else 0.0
+    for key in [k for k in raw if k.startswith("latency_ms.")]:
+        target, base = key.removeprefix("latency_ms."), float(baseline.get(key) or 0.0)
+        ratio = raw[key] / base if base > 0 else 1.0
+        out[f"latency_ratio.{target}"] = ratio
+        out[f"latency_reduction.{target}"] = 1.0 - ratio
     return out
 
 

@@ -32,6 +32,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
         }
         metrics = attrs.get("metrics", {})
         row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
+        row.update({k: v for k, v in metrics.items() if k.startswith(("latency_ms.", "latency_ratio."))})
         row.update({f"ratio.{k}": v for k, v in cand.get("ratios", {}).items()})
         row["importance"] = cand.get("importance")
         row["round_to"] = cand.get("round_to")
@@ -70,8 +71,9 @@ def summary_counts(trials: pd.DataFrame) -> dict[str, int]:
 def front_table(front: pd.DataFrame) -> pd.DataFrame:
     """The front's columns as users read them: ratios, mAP, drop, FLOPs and params reduction."""
     ratio_cols = [c for c in front.columns if c.startswith("ratio.")]
+    latency_cols = [c for c in front.columns if c.startswith(("latency_ms.", "latency_ratio."))]
     cols = ["trial", *ratio_cols, "importance", "round_to", "map50_95", "map50_95_drop", "gflops",
-            "flops_reduction", "params_reduction", "reward"]  # fmt: skip
+            "flops_reduction", "params_reduction", *latency_cols, "reward"]  # fmt: skip
     table = front[[c for c in cols if c in front.columns]].copy()
     table.columns = [c.removeprefix("ratio.") for c in table.columns]
     for c in ("map50_95_drop", "flops_reduction", "params_reduction"):
@@ -105,6 +107,17 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
             f"baseline: mAP50-95 {base['map50_95']:.4f}  mAP50 {base['map50']:.4f}  GFLOPs {base['gflops']:.3f}  "
             f"params {int(base['params']):,d}"
         )
+    base_latency = study.user_attrs.get("baseline_latency", {})
+    for name in [t.name for t in config.targets]:
+        col = f"latency_ms.{name}"
+        if col in trials and trials[col].notna().any():
+            base_ms = base_latency.get(col)
+            lines.append(
+                f"latency on '{name}': baseline {base_ms:.2f} ms (this session), trials {trials[col].min():.2f}-"
+                f"{trials[col].max():.2f} ms"
+                if base_ms
+                else f"latency on '{name}': trials {trials[col].min():.2f}-{trials[col].max():.2f} ms"
+            )
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
     front = pareto_front(trials, config)
     if show_all:

@@ -20,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from yoloprune.config import BUILTIN_PREFIX, ExperimentConfig, ModelSource
 from yoloprune.data.check import DatasetInfo, inspect_dataset
 from yoloprune.device import default_device
+from yoloprune.evaluators.hardware import HardwareEvaluator
 from yoloprune.evaluators.proxy import ProxyEvaluator
 from yoloprune.log import get_logger
 from yoloprune.pruning import prunable_stage_names
@@ -85,6 +86,11 @@ def run_search(config: ExperimentConfig, *, progress: bool = True, verbose: bool
     recovered = recover_interrupted(study)
     if recovered:
         LOGGER.info("re-queued trial(s) %s interrupted in a previous run", recovered)
+    hardware = (
+        HardwareEvaluator(config.targets, imgsz=config.imgsz, store=exp.store, workdir=config.output_dir / "latency")
+        if config.targets
+        else None
+    )
     evaluator = ProxyEvaluator(
         exp.base,
         exp.data,
@@ -92,10 +98,16 @@ def run_search(config: ExperimentConfig, *, progress: bool = True, verbose: bool
         device=exp.device,
         finetune=config.finetune,
         workdir=config.output_dir / "runs",
+        hardware=hardware,
     )
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     with ultralytics_quiet(not verbose):
         baseline = _baseline(exp, evaluator)
+        if hardware is not None:  # re-measured every session: candidates are compared in the same session
+            measured, details = hardware.measure(exp.base, use_cache=False)
+            baseline = {**baseline, **measured, "latency": details}
+            study.set_user_attr("baseline_latency", measured)
+            LOGGER.info("baseline latency: %s", ", ".join(f"{k} {v:.2f} ms" for k, v in measured.items()))
         LOGGER.info(
             "baseline: mAP50-95 %.4f, mAP50 %.4f, %.3f GFLOPs at %d, %d params",
             baseline["map50_95"],
@@ -229,6 +241,8 @@ class _Objective:
         trial.set_user_attr("constraints", constraint_values)
         trial.set_user_attr("feasible", all(v <= 0 for v in constraint_values))
         trial.set_user_attr("finetuned", result.finetuned)
+        if result.latency:
+            trial.set_user_attr("latency", result.latency)
         trial.set_user_attr("reward", reward(metrics, self.baseline, self.cfg.constraints, self.cfg.reward))
         path = save_checkpoint(
             result.model,

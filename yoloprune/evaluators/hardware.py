@@ -1,0 +1,44 @@
+"""The hardware evaluator: measured latency of a candidate on every configured target."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from yoloprune.config import LatencyTarget
+from yoloprune.evaluators.latency import LatencySpec, get_backend, measure_latency
+from yoloprune.storage import Store
+
+
+class HardwareEvaluator:
+    """Measures ``latency_ms.<target>`` for each target; architectures already measured come from the cache."""
+
+    def __init__(self, targets: list[LatencyTarget], *, imgsz: int, store: Store | None, workdir: Path) -> None:
+        self.targets = targets
+        self.imgsz = imgsz
+        self.store = store
+        self.workdir = Path(workdir)
+        for t in targets:
+            get_backend(t.backend)  # an unavailable runtime fails now, before any training
+
+    def spec(self, target: LatencyTarget) -> LatencySpec:
+        return LatencySpec(
+            imgsz=target.imgsz or self.imgsz, batch=target.batch, device=target.device, precision=target.precision,
+            warmup=target.warmup, min_runs=target.min_runs, max_runs=target.max_runs, cv_target=target.cv_target,
+            threads=target.threads, cuda_graph=target.cuda_graph,
+        )  # fmt: skip
+
+    def measure(self, model: nn.Module, *, use_cache: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
+        """``({"latency_ms.<target>": median}, {target: full statistics and environment})``."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        metrics: dict[str, float] = {}
+        details: dict[str, Any] = {}
+        for t in self.targets:
+            result, cached = measure_latency(
+                model, t.backend, self.spec(t), store=self.store if use_cache else None, workdir=self.workdir
+            )
+            metrics[f"latency_ms.{t.name}"] = result.median_ms
+            details[t.name] = {**result.as_dict(), "cached": cached}
+        return metrics, details
