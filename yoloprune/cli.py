@@ -96,6 +96,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="print every trial, not only the front")
     s.set_defaults(func=_cmd_results)
 
+    s = sub.add_parser("agent", help="serve latency measurements on this (target) device over HTTP")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--token", default=None, help="required unless on loopback (default: $YOLOPRUNE_AGENT_TOKEN)")
+    s.add_argument("--max-upload-mb", type=float, default=256.0)
+    s.add_argument("--timeout-s", type=float, default=900.0, help="per measurement")
+    s.set_defaults(func=_cmd_agent)
+
     s = sub.add_parser("demo", help="the built-in demo: synthetic data, a cached base model, a search, its front")
     s.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")
     s.add_argument("--quick", action="store_true", help="a tiny, fast version (used by the tests)")
@@ -248,6 +256,24 @@ def _print_results(config: ExperimentConfig, show_all: bool = False) -> None:
     from yoloprune.search.results import render_results
 
     print(render_results(config, show_all=show_all))
+
+
+def _cmd_agent(args: argparse.Namespace) -> int:
+    import os
+
+    from yoloprune.evaluators.latency.agent import AgentServer
+
+    token = args.token or os.environ.get("YOLOPRUNE_AGENT_TOKEN")
+    server = AgentServer(args.host, args.port, token=token, max_upload_mb=args.max_upload_mb, timeout_s=args.timeout_s)
+    print(
+        f"yoloprune agent on http://{args.host}:{server.server_address[1]} (token {'set' if token else 'off'})",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+    return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

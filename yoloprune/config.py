@@ -96,6 +96,10 @@ class LatencyTarget(_Section):
         cuda_graph: replay a captured CUDA graph (torch on CUDA).
         warmup, min_runs, max_runs, cv_target: the timing discipline (repeat until the coefficient of
             variation is below ``cv_target``, within the run bounds).
+        url: for ``backend: remote``, the ``yoloprune agent`` on the device (``http://host:8765``).
+        remote_backend: the runtime the agent uses: ``onnxruntime`` or ``tensorrt``.
+        token_env: the environment variable holding the agent's token (read once at start-up).
+        timeout_s: how long one remote measurement may take (upload, engine build, timing).
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
@@ -110,6 +114,16 @@ class LatencyTarget(_Section):
     min_runs: int = Field(20, ge=2)
     max_runs: int = Field(300, ge=2)
     cv_target: float = Field(0.05, gt=0)
+    url: str | None = None
+    remote_backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    token_env: str = "YOLOPRUNE_AGENT_TOKEN"
+    timeout_s: float = Field(900.0, gt=0)
+
+    @model_validator(mode="after")
+    def _remote_needs_url(self) -> LatencyTarget:
+        if self.backend == "remote" and not self.url:
+            raise ValueError(f"latency target '{self.name}' uses the remote backend: give its agent's url")
+        return self
 
     @field_validator("backend")
     @classmethod

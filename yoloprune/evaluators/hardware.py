@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,8 @@ class HardwareEvaluator:
         self.imgsz = imgsz
         self.store = store
         self.workdir = Path(workdir)
-        for t in targets:
-            get_backend(t.backend)  # an unavailable runtime fails now, before any training
+        # Built now, so an unavailable runtime fails before any training.
+        self.runners = {t.name: get_backend(t.backend, **_options(t)) for t in targets}
 
     def spec(self, target: LatencyTarget) -> LatencySpec:
         return LatencySpec(
@@ -37,8 +38,19 @@ class HardwareEvaluator:
         details: dict[str, Any] = {}
         for t in self.targets:
             result, cached = measure_latency(
-                model, t.backend, self.spec(t), store=self.store if use_cache else None, workdir=self.workdir
+                model, self.runners[t.name], self.spec(t), store=self.store if use_cache else None, workdir=self.workdir
             )
             metrics[f"latency_ms.{t.name}"] = result.median_ms
             details[t.name] = {**result.as_dict(), "cached": cached}
         return metrics, details
+
+
+def _options(target: LatencyTarget) -> dict[str, Any]:
+    if target.backend != "remote":
+        return {}
+    return {
+        "url": target.url or "",
+        "token": os.environ.get(target.token_env),
+        "remote_backend": target.remote_backend,
+        "timeout_s": target.timeout_s,
+    }

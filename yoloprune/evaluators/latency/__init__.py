@@ -1,10 +1,10 @@
 """Hardware latency: backends behind one interface and a name registry, timing discipline, and a cache.
 
-Backends: ``onnxruntime`` (CPU; CUDA with onnxruntime-gpu) and ``torch`` (CPU; CUDA fp32/fp16 with CUDA
-graph replay). TensorRT and the remote device agent come next (issue #4).
+Backends: ``onnxruntime`` (CPU; CUDA with onnxruntime-gpu), ``torch`` (CPU; CUDA fp32/fp16 with CUDA graph
+replay) and ``remote`` (a ``yoloprune agent`` on the target device, see :mod:`.agent`).
 """
 
-from yoloprune.evaluators.latency import onnxruntime_backend, torch_backend  # noqa: F401  (register)
+from yoloprune.evaluators.latency import onnxruntime_backend, remote, torch_backend  # noqa: F401  (register)
 from yoloprune.evaluators.latency.base import (
     LatencyBackend,
     LatencyResult,

@@ -110,6 +110,15 @@ class LatencyBackend(abc.ABC):
     def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
         """Time ``model`` (a DetectionModel) as this runtime runs it; ``workdir`` may hold exported files."""
 
+    def identity(self, spec: LatencySpec) -> str:
+        """The machine and device a measurement is valid for (part of the cache key)."""
+        device = spec.device
+        if device.startswith("cuda"):
+            import torch
+
+            device = torch.cuda.get_device_name(torch.device(device))
+        return f"{platform.node()}|{device}"
+
     def environment(self, spec: LatencySpec) -> dict[str, Any]:
         """What the measurement ran on (device, versions, precision, batch, image size)."""
         return {"backend": self.name, "machine": platform.machine(), "processor": platform.processor() or None,
@@ -129,8 +138,9 @@ def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def get_backend(name: str) -> LatencyBackend:
-    """An instance of the backend registered as ``name``; clear errors for unknown or unavailable ones."""
+def get_backend(name: str, **options: Any) -> LatencyBackend:
+    """An instance of the backend registered as ``name`` (``options`` go to its constructor); clear errors
+    for unknown or unavailable ones."""
     if name not in _BACKENDS:
         raise ConfigError(
             f"unknown latency backend '{name}'.{did_you_mean(name, _BACKENDS)} Known: {', '.join(backend_names())}."
@@ -138,7 +148,7 @@ def get_backend(name: str) -> LatencyBackend:
     cls = _BACKENDS[name]
     if not cls.available():
         raise BackendUnavailableError(f"latency backend '{name}' needs {cls.requires}, which is not installed here.")
-    return cls()
+    return cls(**options)
 
 
 def architecture_signature(model: nn.Module) -> str:

@@ -40,7 +40,10 @@ class OnnxRuntimeBackend(LatencyBackend):
         if spec.threads:
             options.intra_op_num_threads = spec.threads
         session = ort.InferenceSession(str(path), options, providers=self._providers(spec, ort))
-        feed = {session.get_inputs()[0].name: np.zeros((spec.batch, 3, spec.imgsz, spec.imgsz), dtype=np.float32)}
+        declared = session.get_inputs()[0].shape
+        # A static ONNX input decides the shape; a dynamic one takes the spec's batch and image size.
+        shape = [d if isinstance(d, int) else s for d, s in zip(declared, (spec.batch, 3, spec.imgsz, spec.imgsz))]
+        feed = {session.get_inputs()[0].name: np.zeros(shape, dtype=np.float32)}
 
         def run_once() -> float:
             start = time.perf_counter()
@@ -48,7 +51,8 @@ class OnnxRuntimeBackend(LatencyBackend):
             return (time.perf_counter() - start) * 1000
 
         times = time_until_stable(run_once, spec)
-        env = {**self.environment(spec), "onnxruntime": ort.__version__, "providers": session.get_providers()}
+        env = {**self.environment(spec), "onnxruntime": ort.__version__, "providers": session.get_providers(),
+               "input_shape": shape}  # fmt: skip
         return LatencyResult.from_times(
             self.name, times, peak_memory_mb=None, model_bytes=Path(path).stat().st_size, env=env
         )
