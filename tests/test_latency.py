@@ -81,3 +81,27 @@ def test_stats():
     s = summarize([1.0, 1.0, 1.0, 1.0, 10.0])
     assert s["median_ms"] == 1.0 and s["runs"] == 5 and s["p99_ms"] > 9
     assert trimmed_cv([1.0, 1.1, 0.9, 1.0, 50.0]) < 0.2  # one hiccup of a busy machine is ignored
+
+
+def test_tensorrt_backend(models, tmp_path):
+    """Runs only where TensorRT and a CUDA GPU exist (never in this project's CI: no TensorRT package can
+    be installed in this workplace)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (README: not verified in CI)")
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT needs a CUDA GPU")
+    spec = LatencySpec(imgsz=96, device="cuda", precision="fp16", warmup=5, min_runs=20, max_runs=50)
+    result, _ = measure_latency(models[1], "tensorrt", spec, workdir=tmp_path)
+    assert result.median_ms > 0 and result.model_bytes and result.env["tensorrt"]
+
+
+def test_tensorrt_unavailable_names_the_extra():
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("TensorRT is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(BackendUnavailableError, match=r"pip install -e '.\[tensorrt\]'"):
+        get_backend("tensorrt")

@@ -1,10 +1,16 @@
 """Hardware latency: backends behind one interface and a name registry, timing discipline, and a cache.
 
 Backends: ``onnxruntime`` (CPU; CUDA with onnxruntime-gpu), ``torch`` (CPU; CUDA fp32/fp16 with CUDA graph
-replay) and ``remote`` (a ``yoloprune agent`` on the target device, see :mod:`.agent`).
+replay), ``tensorrt`` (where TensorRT is installed; not verified here) and ``remote`` (a ``yoloprune agent``
+on the target device, see :mod:`.agent`).
 """
 
-from yoloprune.evaluators.latency import onnxruntime_backend, remote, torch_backend  # noqa: F401  (register)
+from yoloprune.evaluators.latency import (  # noqa: F401  (they register themselves)
+    onnxruntime_backend,
+    remote,
+    tensorrt_backend,
+    torch_backend,
+)
 from yoloprune.evaluators.latency.base import (
     LatencyBackend,
     LatencyResult,
