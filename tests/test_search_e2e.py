@@ -230,3 +230,31 @@ def test_ctrl_c_stops_cleanly_and_the_trial_is_retried(tmp_path, tiny_data):
     trials = _study(cfg_path).get_trials()
     assert [t.state for t in trials].count(TrialState.COMPLETE) == 2
     assert any(t.user_attrs.get("retry_of") == stopped.number and t.params == stopped.params for t in trials)
+
+
+@pytest.mark.parametrize("on_error", ["fail_trial", "stop"])
+def test_a_failing_latency_target_fails_the_trial_or_stops_the_search(tmp_path, tiny_data, monkeypatch, on_error):
+    import yoloprune.evaluators.hardware as hardware
+    from yoloprune.search.runner import run_search
+
+    real = hardware.measure_latency
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the baseline measures fine; the first trial's target is unreachable
+            raise OSError("agent at http://jetson:8765 is unreachable (simulated)")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hardware, "measure_latency", flaky)
+    targets = [{"name": "cpu", "backend": "onnxruntime", "threads": 1, "min_runs": 5, "max_runs": 10, "warmup": 1,
+                "on_error": on_error}]  # fmt: skip
+    cfg = load_config(_config(tmp_path, tiny_data, f"lat-{on_error}", targets=targets, budget={"trials": 2}))
+    study = run_search(cfg, progress=False)
+    trials = study.get_trials()
+    assert trials[0].state == TrialState.FAIL and "latency target 'cpu'" in trials[0].user_attrs["error"]
+    assert "unreachable (simulated)" in trials[0].user_attrs["error"]
+    if on_error == "stop":
+        assert len(trials) == 1
+    else:
+        assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2

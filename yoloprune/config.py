@@ -100,6 +100,8 @@ class LatencyTarget(_Section):
         remote_backend: the runtime the agent uses: ``onnxruntime`` or ``tensorrt``.
         token_env: the environment variable holding the agent's token (read once at start-up).
         timeout_s: how long one remote measurement may take (upload, engine build, timing).
+        on_error: when a measurement fails (agent unreachable, runtime error): ``fail_trial`` records the
+            trial as failed and the search goes on; ``stop`` also stops the search.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
@@ -118,6 +120,7 @@ class LatencyTarget(_Section):
     remote_backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     token_env: str = "YOLOPRUNE_AGENT_TOKEN"
     timeout_s: float = Field(900.0, gt=0)
+    on_error: Literal["fail_trial", "stop"] = "fail_trial"
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> LatencyTarget:

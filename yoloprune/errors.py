@@ -33,6 +33,14 @@ class EvaluatorError(YoloPruneError):
     """Fine-tuning, validation or measurement of a candidate failed."""
 
 
+class LatencyTargetError(EvaluatorError):
+    """Measuring a latency target failed; ``stop_search`` says whether the whole search should stop."""
+
+    def __init__(self, message: str, *, stop_search: bool = False) -> None:
+        super().__init__(message)
+        self.stop_search = stop_search
+
+
 class BackendUnavailableError(YoloPruneError):
     """An optional backend's package is not installed; the message names the extra to install."""
 

@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from yoloprune.config import LatencyTarget
+from yoloprune.errors import LatencyTargetError
 from yoloprune.evaluators.latency import LatencySpec, get_backend, measure_latency
 from yoloprune.storage import Store
 
@@ -37,9 +38,18 @@ class HardwareEvaluator:
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
         for t in self.targets:
-            result, cached = measure_latency(
-                model, self.runners[t.name], self.spec(t), store=self.store if use_cache else None, workdir=self.workdir
-            )
+            try:
+                result, cached = measure_latency(
+                    model,
+                    self.runners[t.name],
+                    self.spec(t),
+                    store=self.store if use_cache else None,
+                    workdir=self.workdir,
+                )
+            except Exception as e:
+                raise LatencyTargetError(
+                    f"latency target '{t.name}' ({t.backend}) failed: {e}", stop_search=t.on_error == "stop"
+                ) from e
             metrics[f"latency_ms.{t.name}"] = result.median_ms
             details[t.name] = {**result.as_dict(), "cached": cached}
         return metrics, details

@@ -20,6 +20,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from yoloprune.config import BUILTIN_PREFIX, ExperimentConfig, ModelSource
 from yoloprune.data.check import DatasetInfo, inspect_dataset
 from yoloprune.device import default_device
+from yoloprune.errors import LatencyTargetError
 from yoloprune.evaluators.hardware import HardwareEvaluator
 from yoloprune.evaluators.proxy import ProxyEvaluator
 from yoloprune.log import get_logger
@@ -223,6 +224,9 @@ class _Objective:
             raise
         except Exception as e:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
+            if isinstance(e, LatencyTargetError) and e.stop_search:
+                LOGGER.error("%s; stopping the search (on_error: stop)", e)
+                trial.study.stop()
             raise
         finally:
             epoch_bar.close()
