@@ -125,6 +125,13 @@ class LatencyBackend(abc.ABC):
                 **json.loads(spec.key())}  # fmt: skip
 
 
+def importable(*modules: str) -> bool:
+    """True when every named module imports (for backends' ``available``)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
 _BACKENDS: dict[str, type[LatencyBackend]] = {}
 
 

@@ -9,7 +9,13 @@ import numpy as np
 from torch import nn
 
 from yoloprune.errors import BackendUnavailableError
-from yoloprune.evaluators.latency.base import LatencyBackend, LatencyResult, LatencySpec, register_backend
+from yoloprune.evaluators.latency.base import (
+    LatencyBackend,
+    LatencyResult,
+    LatencySpec,
+    importable,
+    register_backend,
+)
 from yoloprune.evaluators.latency.stats import time_until_stable
 
 
@@ -20,11 +26,7 @@ class OnnxRuntimeBackend(LatencyBackend):
 
     @classmethod
     def available(cls) -> bool:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return False
-        return True
+        return importable("onnxruntime")
 
     def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
         from yoloprune.deploy.onnx import export_onnx

@@ -16,7 +16,13 @@ from typing import Any
 from torch import nn
 
 from yoloprune.errors import EvaluatorError
-from yoloprune.evaluators.latency.base import LatencyBackend, LatencyResult, LatencySpec, register_backend
+from yoloprune.evaluators.latency.base import (
+    LatencyBackend,
+    LatencyResult,
+    LatencySpec,
+    importable,
+    register_backend,
+)
 from yoloprune.evaluators.latency.stats import time_until_stable
 
 WORKSPACE_BYTES = 1 << 30
@@ -29,11 +35,10 @@ class TensorRTBackend(LatencyBackend):
 
     @classmethod
     def available(cls) -> bool:
-        try:
-            import tensorrt  # noqa: F401
-            import torch
-        except ImportError:
+        if not importable("tensorrt"):
             return False
+        import torch
+
         return bool(torch.cuda.is_available())
 
     def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
