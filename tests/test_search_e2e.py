@@ -258,3 +258,38 @@ def test_a_failing_latency_target_fails_the_trial_or_stops_the_search(tmp_path, 
         assert len(trials) == 1
     else:
         assert [t.state for t in trials[1:]] == [TrialState.COMPLETE] * 2
+
+
+def test_export_best_trial_through_the_cli(tmp_path, tiny_data, plain_env):
+    import json
+    import textwrap
+
+    cfg_path = _config(tmp_path, tiny_data, "exp", budget={"trials": 2}, constraints=[])
+    assert _run("search", str(cfg_path), "--no-progress", cwd=tmp_path).returncode == 0
+    bad = _run("export", str(cfg_path), "--trial", "7", cwd=tmp_path)
+    assert bad.returncode == 2 and "does not exist; trials are numbered 0-1" in bad.stderr
+    out = tmp_path / "exported"
+    proc = _run("export", str(cfg_path), "--epochs", "1", "--output", str(out), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    study = _study(cfg_path)
+    fastest = min(study.get_trials(), key=lambda t: t.user_attrs["metrics"]["latency_ms.cpu"])
+    stem = f"exp-trial{fastest.number}"
+    card = json.loads((out / f"{stem}.card.json").read_text())
+    assert card["trial"] == fastest.number and card["candidate"]["ratios"] == fastest.user_attrs["candidate"]["ratios"]
+    assert card["after"]["latency_ms.cpu"] > 0 and card["before"]["latency_ms.cpu"] > 0
+    assert card["onnx_check"]["max_abs_diff"] <= 1e-3 * card["onnx_check"]["scale"]
+    assert set(card["files"]) == {f"{stem}.pt", f"{stem}.onnx"}
+    assert "| mAP50-95 |" in (out / f"{stem}.card.md").read_text()
+    script = textwrap.dedent(f"""
+        import sys
+        from ultralytics import YOLO
+        m = YOLO({str(out / f"{stem}.pt")!r})
+        r = m.val(data={str(tiny_data)!r}, imgsz=128, batch=8, plots=False, verbose=False)
+        print("MAP", float(r.box.map))
+        assert not any(k == "yoloprune" or k.startswith("yoloprune.") for k in sys.modules)
+    """)
+    loaded = subprocess.run(
+        [sys.executable, "-c", script], env=plain_env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert abs(float(loaded.stdout.split("MAP")[1]) - card["after"]["map50_95"]) < 0.02

@@ -96,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="print every trial, not only the front")
     s.set_defaults(func=_cmd_results)
 
+    s = sub.add_parser("export", help="rebuild a trial's model, fine-tune it fully, write .pt, .onnx and a model card")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("--trial", default="best", help="a trial number, or best (default)")
+    s.add_argument("--policy", choices=["fastest", "most_accurate"], default="fastest",
+                   help="what 'best' means: the fastest feasible trial, or the most accurate within --latency-budget-ms")  # fmt: skip
+    s.add_argument("--latency-budget-ms", type=float, default=None)
+    s.add_argument("--epochs", type=int, default=30, help="fine-tune epochs (default 30)")
+    s.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch dimension")
+    s.add_argument("--output", default=None, help="folder (default <experiment output>/export)")
+    s.set_defaults(func=_cmd_export)
+
     s = sub.add_parser("agent", help="serve latency measurements on this (target) device over HTTP")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765)
@@ -256,6 +267,24 @@ def _print_results(config: ExperimentConfig, show_all: bool = False) -> None:
     from yoloprune.search.results import render_results
 
     print(render_results(config, show_all=show_all))
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.deploy.export import export_trial, select_trial
+    from yoloprune.search.optuna_engine import open_study
+
+    config = load_config(args.config)
+    study = open_study(config, create=False)
+    trial = select_trial(study, config, args.trial, policy=args.policy, latency_budget_ms=args.latency_budget_ms)
+    print(f"exporting trial {trial.number} of '{config.name}' ({args.epochs} fine-tune epochs)")
+    output = Path(args.output) if args.output else config.output_dir / "export"
+    result = export_trial(config, trial, epochs=args.epochs, output=output, dynamic=args.dynamic)
+    after = result.card["after"]
+    print(f"mAP50-95 {after['map50_95']:.4f} (drop {100 * after['map50_95_drop']:.1f}%), GFLOPs {after['gflops']:.3f}")
+    for path in (result.checkpoint, result.onnx, result.card_json, result.card_md):
+        print(f"wrote {path}")
+    return 0
 
 
 def _cmd_agent(args: argparse.Namespace) -> int:

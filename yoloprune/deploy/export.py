@@ -1,0 +1,245 @@
+"""Ship a searched model: re-apply a trial's ratios to the base model, fine-tune with the full budget,
+validate, and write a checkpoint plain Ultralytics loads, a checked ONNX file, and a model card."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from torch import nn
+
+from yoloprune.config import ExperimentConfig
+from yoloprune.errors import ConfigError
+from yoloprune.log import get_logger
+
+LOGGER = get_logger(__name__)
+
+Policy = Literal["fastest", "most_accurate"]
+
+
+def select_trial(
+    study: optuna.Study,
+    config: ExperimentConfig,
+    which: str = "best",
+    *,
+    policy: Policy = "fastest",
+    latency_budget_ms: float | None = None,
+) -> FrozenTrial:
+    """The trial to export: a number, or ``best`` by ``policy``.
+
+    ``fastest``: the feasible complete trial with the lowest cost (the first latency objective, else GFLOPs).
+    ``most_accurate``: the feasible complete trial with the highest mAP50-95 whose latency (first target)
+    is within ``latency_budget_ms``.
+    """
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not complete:
+        raise ConfigError(f"experiment '{config.name}' has no finished trial yet; run `yoloprune search` first.")
+    if which != "best":
+        if not which.isdigit() or int(which) >= len(trials):
+            raise ConfigError(f"trial '{which}' does not exist; trials are numbered 0-{len(trials) - 1}.")
+        trial = trials[int(which)]
+        if trial.state != TrialState.COMPLETE:
+            done = ", ".join(str(t.number) for t in complete)
+            raise ConfigError(f"trial {which} is {trial.state.name.lower()}, not complete; complete trials: {done}.")
+        return trial
+    feasible = [t for t in complete if t.user_attrs.get("feasible")]
+    if not feasible:
+        raise ConfigError(
+            f"no feasible trial to call 'best' (constraints: {', '.join(c.describe() for c in config.constraints)}); "
+            f"complete trials: {', '.join(str(t.number) for t in complete)}. Export one with --trial N."
+        )
+    latency = f"latency_ms.{config.targets[0].name}" if config.targets else None
+    cost = next((o.metric for o in config.objectives if o.metric.startswith("latency_ms.")), latency or "gflops")
+    if policy == "fastest":
+        return min(feasible, key=lambda t: t.user_attrs["metrics"][cost])
+    if latency is None or latency_budget_ms is None:
+        raise ConfigError("policy 'most_accurate' needs a latency target in the config and --latency-budget-ms.")
+    within = [t for t in feasible if t.user_attrs["metrics"][latency] <= latency_budget_ms]
+    if not within:
+        fastest = min(t.user_attrs["metrics"][latency] for t in feasible)
+        raise ConfigError(
+            f"no feasible trial runs within {latency_budget_ms} ms on '{latency}'; the fastest takes {fastest:.2f} ms."
+        )
+    return max(within, key=lambda t: t.user_attrs["metrics"]["map50_95"])
+
+
+@dataclass
+class ExportResult:
+    """Files written by :func:`export_trial`."""
+
+    checkpoint: Path
+    onnx: Path
+    card_json: Path
+    card_md: Path
+    card: dict[str, Any]
+
+
+def export_trial(
+    config: ExperimentConfig, trial: FrozenTrial, *, epochs: int, output: Path, dynamic: bool = False
+) -> ExportResult:
+    """Rebuild ``trial``'s model from the base, fine-tune ``epochs``, validate, and write the deliverables."""
+    from yoloprune.deploy.onnx import check_onnx, export_onnx
+    from yoloprune.evaluators.hardware import HardwareEvaluator
+    from yoloprune.pruning import measure_costs, prune
+    from yoloprune.search.objectives import relative_metrics
+    from yoloprune.search.runner import prepare
+    from yoloprune.storage import file_sha256
+    from yoloprune.ultra.checkpoint import save_checkpoint
+    from yoloprune.ultra.offline import ultralytics_quiet
+    from yoloprune.ultra.train import finetune
+    from yoloprune.ultra.val import recalibrate_bn, validate
+
+    exp = prepare(config)
+    candidate = config.space.candidate_from_params(trial.params)
+    output.mkdir(parents=True, exist_ok=True)
+    stem = f"{config.name}-trial{trial.number}"
+    start = time.perf_counter()
+    with ultralytics_quiet():
+        model: nn.Module = prune(
+            exp.base, candidate.ratios, importance=candidate.importance, round_to=candidate.round_to
+        )
+        recalibrate_bn(model, exp.data, imgsz=config.imgsz, batches=config.finetune.bn_batches, device=exp.device)
+        history: list[dict[str, float]] = []
+        if epochs > 0:
+            tuned = finetune(
+                model,
+                exp.data,
+                epochs=epochs,
+                imgsz=config.imgsz,
+                batch=config.finetune.batch,
+                device=exp.device,
+                project=output / "runs",
+                name=stem,
+                **config.finetune.overrides,
+            )
+            model, history = tuned.model, tuned.epochs
+        val = validate(model, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
+        base_val = validate(exp.base, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
+    costs, base_costs = measure_costs(model, config.imgsz), measure_costs(exp.base, config.imgsz)
+    raw = {
+        "map50": val.map50,
+        "map50_95": val.map50_95,
+        "params": float(costs.params),
+        "gflops": costs.gflops,
+        "size_mb": costs.size_mb,
+    }
+    base_raw = {
+        "map50": base_val.map50,
+        "map50_95": base_val.map50_95,
+        "params": float(base_costs.params),
+        "gflops": base_costs.gflops,
+        "size_mb": base_costs.size_mb,
+    }
+    latency: dict[str, Any] = {}
+    if config.targets:
+        hardware = HardwareEvaluator(config.targets, imgsz=config.imgsz, store=exp.store, workdir=output / "latency")
+        measured, details = hardware.measure(model)
+        base_measured, base_details = hardware.measure(exp.base, use_cache=False)
+        raw.update(measured)
+        base_raw.update(base_measured)
+        latency = {"after": details, "before": base_details}
+    metrics = relative_metrics(raw, base_raw)
+
+    checkpoint = save_checkpoint(
+        model,
+        output / f"{stem}.pt",
+        train_args={"data": str(exp.data.yaml_path), "imgsz": config.imgsz},
+        metadata={
+            "experiment": config.name,
+            "trial": trial.number,
+            "ratios": candidate.ratios,
+            "importance": candidate.importance,
+            "round_to": candidate.round_to,
+            "metrics": metrics,
+        },
+    )
+    onnx_path = export_onnx(model, output / f"{stem}.onnx", imgsz=config.imgsz, dynamic=dynamic)
+    check = check_onnx(onnx_path, model, imgsz=config.imgsz)
+    card = {
+        "experiment": config.name,
+        "trial": trial.number,
+        "candidate": {"ratios": candidate.ratios, "importance": candidate.importance, "round_to": candidate.round_to},
+        "finetune": {"epochs": epochs, "history": history},
+        "before": base_raw,
+        "after": metrics,
+        "per_class_ap50_95": {
+            "before": {c.name: c.ap50_95 for c in base_val.per_class.values()},
+            "after": {c.name: c.ap50_95 for c in val.per_class.values()},
+        },
+        "latency": latency,
+        "onnx_check": {"max_abs_diff": check.max_abs_diff, "scale": check.scale, "dynamic_batch": dynamic},
+        "files": {p.name: file_sha256(p) for p in (checkpoint, onnx_path)},
+        "versions": _versions(),
+        "seconds": time.perf_counter() - start,
+    }
+    card_json = output / f"{stem}.card.json"
+    card_json.write_text(json.dumps(card, indent=2, default=float))
+    card_md = output / f"{stem}.card.md"
+    card_md.write_text(_markdown(card))
+    for path, kind in ((checkpoint, "export_checkpoint"), (onnx_path, "export_onnx"), (card_json, "model_card")):
+        exp.store.add_artifact(exp.experiment_id, kind, path, trial.number)
+    return ExportResult(checkpoint, onnx_path, card_json, card_md, card)
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "ultralytics", "torch-pruning", "optuna", "onnx", "onnxruntime", "yoloprune"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def _markdown(card: dict[str, Any]) -> str:
+    before, after = card["before"], card["after"]
+    rows = [
+        ("mAP50-95", "map50_95", "{:.4f}"),
+        ("mAP50", "map50", "{:.4f}"),
+        ("GFLOPs", "gflops", "{:.3f}"),
+        ("parameters", "params", "{:,.0f}"),
+        ("checkpoint MB (fp16)", "size_mb", "{:.2f}"),
+    ]
+    rows += [
+        (f"latency {k.removeprefix('latency_ms.')} (ms, median)", k, "{:.2f}")
+        for k in after
+        if k.startswith("latency_ms.")
+    ]
+    lines = [
+        f"# Model card: {card['experiment']}, trial {card['trial']}",
+        "",
+        f"Per-stage pruning ratios: {json.dumps(card['candidate']['ratios'])}; importance "
+        f"{card['candidate']['importance']}; channels rounded to multiples of {card['candidate']['round_to']}. "
+        f"Fine-tuned {card['finetune']['epochs']} epochs.",
+        "",
+        "| metric | before | after |",
+        "|---|---|---|",
+        *(
+            f"| {label} | {fmt.format(before[key])} | {fmt.format(after[key])} |"
+            for label, key, fmt in rows
+            if key in before
+        ),
+        "",
+        "| class | AP50-95 before | after |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {ap:.4f} | {card['per_class_ap50_95']['after'].get(name, float('nan')):.4f} |"
+            for name, ap in card["per_class_ap50_95"]["before"].items()
+        ),
+        "",
+        f"ONNX output matches torch within {card['onnx_check']['max_abs_diff']:.3g} (scale {card['onnx_check']['scale']:.3g}).",
+        "",
+        "Files: " + ", ".join(f"`{name}` (sha256 {sha[:12]}...)" for name, sha in card["files"].items()),
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items() if v),
+        "",
+    ]
+    return "\n".join(lines)
