@@ -111,11 +111,6 @@ def prune(
     return work.train(was_training)
 
 
-def stage_of_layer(stages: list[Stage]) -> dict[int, str]:
-    """Map each layer index to its stage name."""
-    return {i: s.name for s in stages for i in s.layers}
-
-
 def _ignored_layers(model: DetectionModel) -> list[nn.Module]:
     ignored = [detect_head(model)]
     for i in attention_layers(layers(model)):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
@@ -149,7 +149,6 @@ class Candidate:
     ratios: dict[str, float]
     importance: str = "l1"
     round_to: int = 1
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def key(self) -> str:
         """A stable text key of the candidate (same candidate, same key)."""
