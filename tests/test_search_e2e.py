@@ -293,3 +293,18 @@ def test_export_best_trial_through_the_cli(tmp_path, tiny_data, plain_env):
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert abs(float(loaded.stdout.split("MAP")[1]) - card["after"]["map50_95"]) < 0.02
+
+
+def test_uniform_baseline_runs_in_the_same_study(tmp_path, tiny_data):
+    from yoloprune.search.results import trials_frame
+    from yoloprune.search.runner import run_search
+
+    cfg = load_config(_config(tmp_path, tiny_data, "uni", constraints=[]))
+    study = run_search(cfg, progress=False, uniform=[0.2, 0.3])
+    trials = study.get_trials()
+    assert [t.user_attrs.get("uniform") for t in trials[:2]] == [0.2, 0.3]
+    assert set(trials[0].params.values()) >= {0.2} and trials[1].params["ratio.neck"] == 0.3
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 3  # the uniform ones count in the budget
+    assert trials_frame(study)["uniform"].tolist()[:2] == [0.2, 0.3]
+    again = run_search(cfg, progress=False, uniform=[0.2, 0.3])  # resumed: not queued twice
+    assert len(again.get_trials()) == len(trials)

@@ -59,3 +59,20 @@ def test_candidate_key_is_stable():
     a = SPACE.candidate_from_params({"ratio.backbone.p3": 0.35, "ratio.neck": 0.2, "importance": "l1", "round_to": 1})
     b = SPACE.candidate_from_params({"ratio.neck": 0.2, "ratio.backbone.p3": 0.35, "round_to": 1, "importance": "l1"})
     assert a.key() == b.key()
+
+
+def test_uniform_baseline_parameters():
+    from yoloprune.config import config_from_dict
+    from yoloprune.errors import ConfigError
+    from yoloprune.search.uniform import uniform_params
+
+    cfg = config_from_dict(
+        {"name": "u", "model": "yolov8n.yaml", "data": "d.yaml",
+         "space": {"ratios": {"backbone.p3": {"low": 0.2, "high": 0.6, "step": 0.05}, "neck": {"low": 0.1, "high": 0.5},
+                              "backbone.p5": 0.4}, "round_to": [8, 1]}}
+    )  # fmt: skip
+    assert uniform_params(cfg, 0.3) == {"ratio.backbone.p3": 0.3, "ratio.neck": 0.3, "round_to": 8}
+    with pytest.raises(ConfigError, match="not in the search space of stage 'neck'"):
+        uniform_params(cfg, 0.55)
+    with pytest.raises(ConfigError, match=r"on a grid of 0\.05"):
+        uniform_params(cfg, 0.33)

@@ -88,6 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="override the storage URL")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' own output")
+    s.add_argument("--uniform", type=float, nargs="+", default=(), metavar="R",
+                   help="first evaluate the uniform baseline: the same ratio R on every searched stage")  # fmt: skip
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("results", help="print an experiment's Pareto front and write trials.csv")
@@ -247,7 +249,7 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _overrides(args))
     try:
-        run_search(config, progress=not args.no_progress, verbose=args.verbose)
+        run_search(config, progress=not args.no_progress, verbose=args.verbose, uniform=args.uniform)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept; run the same command again to resume.", file=sys.stderr)
         _print_results(config)

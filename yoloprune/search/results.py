@@ -29,6 +29,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "feasible": attrs.get("feasible"),
             "finetuned": attrs.get("finetuned"),
             "reward": attrs.get("reward"),
+            "uniform": attrs.get("uniform"),
         }
         metrics = attrs.get("metrics", {})
         row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
@@ -72,8 +73,10 @@ def front_table(front: pd.DataFrame) -> pd.DataFrame:
     """The front's columns as users read them: ratios, mAP, drop, FLOPs and params reduction."""
     ratio_cols = [c for c in front.columns if c.startswith("ratio.")]
     latency_cols = [c for c in front.columns if c.startswith(("latency_ms.", "latency_ratio."))]
-    cols = ["trial", *ratio_cols, "importance", "round_to", "map50_95", "map50_95_drop", "gflops",
+    cols = ["trial", "uniform", *ratio_cols, "importance", "round_to", "map50_95", "map50_95_drop", "gflops",
             "flops_reduction", "params_reduction", *latency_cols, "reward"]  # fmt: skip
+    if "uniform" in front.columns and front["uniform"].isna().all():
+        cols.remove("uniform")  # no uniform baseline in this search
     table = front[[c for c in cols if c in front.columns]].copy()
     table.columns = [c.removeprefix("ratio.") for c in table.columns]
     for c in ("map50_95_drop", "flops_reduction", "params_reduction"):

@@ -6,6 +6,7 @@ import gc
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from yoloprune.search.optuna_engine import (
     open_study,
     recover_interrupted,
 )
+from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.spaces import Candidate
 from yoloprune.storage import Store, file_sha256
 from yoloprune.ultra.checkpoint import save_checkpoint
@@ -76,14 +78,21 @@ def prepare(config: ExperimentConfig) -> Experiment:
     return Experiment(config, data, base, model_key, device, store, experiment_id)
 
 
-def run_search(config: ExperimentConfig, *, progress: bool = True, verbose: bool = False) -> optuna.Study:
+def run_search(
+    config: ExperimentConfig, *, progress: bool = True, verbose: bool = False, uniform: Sequence[float] = ()
+) -> optuna.Study:
     """Run (or resume) the experiment until its budget is spent; returns the study.
 
     Ctrl-C stops after marking the running trial failed; finished trials stay in storage, and the next
-    run of the same config queues the interrupted trial's parameters again.
+    run of the same config queues the interrupted trial's parameters again. ``uniform`` ratios are queued
+    first as the uniform-pruning baseline (see :mod:`yoloprune.search.uniform`).
     """
+    for ratio in uniform:
+        uniform_params(config, ratio)  # a bad ratio fails before any training
     exp = prepare(config)
     study = open_study(config)
+    if uniform:
+        LOGGER.info("queued uniform baseline ratios %s", enqueue_uniform(study, config, uniform))
     recovered = recover_interrupted(study)
     if recovered:
         LOGGER.info("re-queued trial(s) %s interrupted in a previous run", recovered)
