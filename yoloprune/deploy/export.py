@@ -88,9 +88,10 @@ def export_trial(
     """Rebuild ``trial``'s model from the base, fine-tune ``epochs``, validate, and write the deliverables."""
     from yoloprune.deploy.onnx import check_onnx, export_onnx
     from yoloprune.evaluators.hardware import HardwareEvaluator
+    from yoloprune.evaluators.proxy import ProxyEvaluator, raw_metrics
     from yoloprune.pruning import measure_costs, prune
     from yoloprune.search.objectives import relative_metrics
-    from yoloprune.search.runner import prepare
+    from yoloprune.search.runner import experiment_baseline, prepare
     from yoloprune.storage import file_sha256
     from yoloprune.ultra.checkpoint import save_checkpoint
     from yoloprune.ultra.offline import ultralytics_quiet
@@ -122,22 +123,13 @@ def export_trial(
             )
             model, history = tuned.model, tuned.epochs
         val = validate(model, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
-        base_val = validate(exp.base, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
-    costs, base_costs = measure_costs(model, config.imgsz), measure_costs(exp.base, config.imgsz)
-    raw = {
-        "map50": val.map50,
-        "map50_95": val.map50_95,
-        "params": float(costs.params),
-        "gflops": costs.gflops,
-        "size_mb": costs.size_mb,
-    }
-    base_raw = {
-        "map50": base_val.map50,
-        "map50_95": base_val.map50_95,
-        "params": float(base_costs.params),
-        "gflops": base_costs.gflops,
-        "size_mb": base_costs.size_mb,
-    }
+        # The search stored the unpruned model's metrics once; evaluate them only if it never ran.
+        evaluator = ProxyEvaluator(
+            exp.base, exp.data, imgsz=config.imgsz, device=exp.device, finetune=config.finetune, workdir=output / "runs"
+        )
+        baseline = experiment_baseline(exp, evaluator)
+    raw = raw_metrics(val, measure_costs(model, config.imgsz))
+    base_raw = {k: float(baseline[k]) for k in ("map50", "map50_95", "params", "gflops", "size_mb")}
     latency: dict[str, Any] = {}
     if config.targets:
         hardware = HardwareEvaluator(config.targets, imgsz=config.imgsz, store=exp.store, workdir=output / "latency")
@@ -171,7 +163,7 @@ def export_trial(
         "before": base_raw,
         "after": metrics,
         "per_class_ap50_95": {
-            "before": {c.name: c.ap50_95 for c in base_val.per_class.values()},
+            "before": dict(baseline["per_class"]),
             "after": {c.name: c.ap50_95 for c in val.per_class.values()},
         },
         "latency": latency,

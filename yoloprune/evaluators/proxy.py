@@ -75,7 +75,7 @@ class ProxyEvaluator:
             val = validate(self.base, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
         costs = measure_costs(self.base, self.imgsz)
         return {
-            **_raw(val, costs),
+            **raw_metrics(val, costs),
             "per_class": _per_class(val),
             "seconds": timings["validation"],
         }
@@ -142,11 +142,12 @@ class ProxyEvaluator:
         if val is None:
             with _timed(timings, "validation"):
                 val = validate(model, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
-        raw = {**_raw(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
+        raw = {**raw_metrics(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
         return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
 
 
-def _raw(val: ValResult, costs: Any) -> dict[str, float]:
+def raw_metrics(val: ValResult, costs: Any) -> dict[str, float]:
+    """Absolute accuracy and cost metrics of one validated, costed model."""
     return {
         "map50": val.map50,
         "map50_95": val.map50_95,

@@ -112,7 +112,7 @@ def run_search(
     )
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     with ultralytics_quiet(not verbose):
-        baseline = _baseline(exp, evaluator)
+        baseline = experiment_baseline(exp, evaluator)
         if hardware is not None:  # re-measured every session: candidates are compared in the same session
             measured, details = hardware.measure(exp.base, use_cache=False)
             baseline = {**baseline, **measured, "latency": details}
@@ -284,7 +284,8 @@ class _Objective:
         return any(v > 0 for v in violations(metrics, self.cost_constraints))
 
 
-def _baseline(exp: Experiment, evaluator: ProxyEvaluator) -> dict[str, Any]:
+def experiment_baseline(exp: Experiment, evaluator: ProxyEvaluator) -> dict[str, Any]:
+    """The unpruned model's stored metrics, evaluated and stored on first use."""
     stored = exp.store.baseline(exp.experiment_id, exp.baseline_key)
     if stored is not None:
         return stored
