@@ -109,6 +109,20 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--output", default=None, help="folder (default <experiment output>/export)")
     s.set_defaults(func=_cmd_export)
 
+    s = sub.add_parser("nni", help="run the search as an NNI experiment and follow it in NNI's web dashboard")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("--port", type=int, default=8080, help="dashboard port (default 8080; PORT+1 must be free too)")
+    s.add_argument("--trials", type=int, help="override budget.trials")
+    s.add_argument("--storage", help="override the storage URL")
+    s.add_argument("--wait", action="store_true", help="block until the experiment is done, then print results")
+    s.add_argument("--id", default=None, help="NNI experiment id (default: the one derived from the config's name)")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' and NNI's own output")
+    action = s.add_mutually_exclusive_group()
+    action.add_argument("--resume", action="store_true", help="continue a stopped NNI experiment")
+    action.add_argument("--view", action="store_true", help="serve a stopped experiment's dashboard")
+    action.add_argument("--stop", action="store_true", help="stop the experiment's NNI manager and dashboard")
+    s.set_defaults(func=_cmd_nni)
+
     s = sub.add_parser("agent", help="serve latency measurements on this (target) device over HTTP")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765)
@@ -286,6 +300,29 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"mAP50-95 {after['map50_95']:.4f} (drop {100 * after['map50_95_drop']:.1f}%), GFLOPs {after['gflops']:.3f}")
     for path in (result.checkpoint, result.onnx, result.card_json, result.card_md):
         print(f"wrote {path}")
+    return 0
+
+
+def _cmd_nni(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search import nni_engine
+
+    config = load_config(args.config, _overrides(args))
+    if args.stop:
+        print(nni_engine.stop(config, exp_id=args.id))
+        return 0
+    if args.view:
+        launched = nni_engine.view(config, port=args.port, exp_id=args.id)
+    elif args.resume:
+        launched = nni_engine.resume(config, port=args.port, exp_id=args.id)
+    else:
+        launched = nni_engine.start(config, port=args.port, verbose=args.verbose)
+    print(f"NNI experiment {launched.id}: dashboard {launched.url}", flush=True)
+    print(f"stop it with: yoloprune nni {args.config} --stop", flush=True)
+    if args.wait and not args.view:
+        state = nni_engine.wait(args.port)
+        print(f"NNI experiment {launched.id}: {state}")
+        _print_results(config)
     return 0
 
 

@@ -60,6 +60,10 @@ class EngineConfig(_Section):
         seed: sampler seed (None: random).
         pruner: stop hopeless trials on their per-epoch mAP: ``none``, ``median`` or ``successive_halving``.
         startup_trials: trials sampled at random before TPE models the space, and before the pruner acts.
+        nni_tuner: the tuner ``yoloprune nni`` gives NNI: its ``tpe``, ``evolution`` or ``random`` (they
+            maximise the scalar reward), or ``optuna``: this engine's sampler (``sampler``) on the
+            objectives and constraints, wrapped as an NNI tuner.
+        trial_concurrency: NNI trials run at once on this machine.
     """
 
     name: Literal["optuna"] = "optuna"
@@ -67,6 +71,8 @@ class EngineConfig(_Section):
     seed: int | None = 0
     pruner: Literal["none", "median", "successive_halving"] = "none"
     startup_trials: int = Field(4, ge=0)
+    nni_tuner: Literal["tpe", "evolution", "random", "optuna"] = "tpe"
+    trial_concurrency: int = Field(1, ge=1)
 
 
 class BudgetConfig(_Section):

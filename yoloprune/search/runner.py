@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hashlib
 import logging
@@ -96,36 +97,10 @@ def run_search(
     recovered = recover_interrupted(study)
     if recovered:
         LOGGER.info("re-queued trial(s) %s interrupted in a previous run", recovered)
-    hardware = (
-        HardwareEvaluator(config.targets, imgsz=config.imgsz, store=exp.store, workdir=config.output_dir / "latency")
-        if config.targets
-        else None
-    )
-    evaluator = ProxyEvaluator(
-        exp.base,
-        exp.data,
-        imgsz=config.imgsz,
-        device=exp.device,
-        finetune=config.finetune,
-        workdir=config.output_dir / "runs",
-        hardware=hardware,
-    )
     optuna.logging.set_verbosity(optuna.logging.INFO if verbose else optuna.logging.WARNING)
     with ultralytics_quiet(not verbose):
-        baseline = experiment_baseline(exp, evaluator)
-        if hardware is not None:  # re-measured every session: candidates are compared in the same session
-            measured, details = hardware.measure(exp.base, use_cache=False)
-            baseline = {**baseline, **measured, "latency": details}
-            study.set_user_attr("baseline_latency", measured)
-            LOGGER.info("baseline latency: %s", ", ".join(f"{k} {v:.2f} ms" for k, v in measured.items()))
-        LOGGER.info(
-            "baseline: mAP50-95 %.4f, mAP50 %.4f, %.3f GFLOPs at %d, %d params",
-            baseline["map50_95"],
-            baseline["map50"],
-            baseline["gflops"],
-            config.imgsz,
-            baseline["params"],
-        )
+        session = start_session(exp, study)
+        evaluator, baseline = session.evaluator, session.baseline
         budget = config.budget.trials
         done = finished_count(study)
         remaining = None if budget is None else max(0, budget - done)
@@ -191,8 +166,10 @@ class _Objective:
         baseline: dict[str, Any],
         reporter: EpochReporter,
         progress: bool,
+        epoch_hook: EpochCallback | None = None,
     ) -> None:
         self.exp = exp
+        self.epoch_hook = epoch_hook
         self.cfg = exp.config
         self.evaluator = evaluator
         self.baseline = baseline
@@ -220,6 +197,8 @@ class _Objective:
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             epoch_bar.update(1)
             epoch_bar.set_postfix_str(f"mAP50-95 {metrics['map50_95']:.3f}")
+            if self.epoch_hook is not None:
+                self.epoch_hook(epoch, metrics)
             report(epoch, metrics)
 
         try:
@@ -235,7 +214,9 @@ class _Objective:
             trial.set_user_attr("error", f"{type(e).__name__}: {e}"[:2000])
             if isinstance(e, LatencyTargetError) and e.stop_search:
                 LOGGER.error("%s; stopping the search (on_error: stop)", e)
-                trial.study.stop()
+                trial.set_user_attr("stop_search", True)
+                with contextlib.suppress(RuntimeError):  # outside study.optimize (NNI trials) there is no loop to stop
+                    trial.study.stop()
             raise
         finally:
             epoch_bar.close()
@@ -282,6 +263,53 @@ class _Objective:
             return False
         metrics = relative_metrics(cost_metrics, self.baseline)
         return any(v > 0 for v in violations(metrics, self.cost_constraints))
+
+
+@dataclass
+class Session:
+    """One process's evaluators and the baseline its candidates are compared with."""
+
+    exp: Experiment
+    evaluator: ProxyEvaluator
+    baseline: dict[str, Any]
+
+
+def start_session(exp: Experiment, study: optuna.Study, *, measure_latency: bool = True) -> Session:
+    """Build the evaluators and the baseline: stored accuracy and costs, latency measured now.
+
+    Latency is re-measured in every process (``measure_latency``), so candidates are compared with a
+    baseline timed in the same session on the same machine.
+    """
+    config = exp.config
+    hardware = (
+        HardwareEvaluator(config.targets, imgsz=config.imgsz, store=exp.store, workdir=config.output_dir / "latency")
+        if config.targets
+        else None
+    )
+    evaluator = ProxyEvaluator(
+        exp.base,
+        exp.data,
+        imgsz=config.imgsz,
+        device=exp.device,
+        finetune=config.finetune,
+        workdir=config.output_dir / "runs",
+        hardware=hardware,
+    )
+    baseline = experiment_baseline(exp, evaluator)
+    if hardware is not None and measure_latency:
+        measured, details = hardware.measure(exp.base, use_cache=False)
+        baseline = {**baseline, **measured, "latency": details}
+        study.set_user_attr("baseline_latency", measured)
+        LOGGER.info("baseline latency: %s", ", ".join(f"{k} {v:.2f} ms" for k, v in measured.items()))
+    LOGGER.info(
+        "baseline: mAP50-95 %.4f, mAP50 %.4f, %.3f GFLOPs at %d, %d params",
+        baseline["map50_95"],
+        baseline["map50"],
+        baseline["gflops"],
+        config.imgsz,
+        baseline["params"],
+    )
+    return Session(exp, evaluator, baseline)
 
 
 def experiment_baseline(exp: Experiment, evaluator: ProxyEvaluator) -> dict[str, Any]:

@@ -137,6 +137,30 @@ class SearchSpace(BaseModel):
             grid["round_to"] = list(self.round_to)
         return grid
 
+    def snap(self, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` from another engine (NNI) moved onto this space's grid and bounds.
+
+        Raises :class:`SearchSpaceError` for a missing parameter or a categorical value not in the space.
+        """
+        out: dict[str, Any] = {}
+        for name, r in self.ratios.items():
+            if not isinstance(r, RatioRange) or r.low == r.high:
+                continue
+            key = f"ratio.{name}"
+            if key not in params:
+                raise SearchSpaceError(f"parameters {sorted(params)} lack '{key}'; they do not come from this space.")
+            value = min(max(float(params[key]), r.low), r.high)
+            if r.step is not None:
+                steps = math.floor((r.high - r.low) / r.step + 1e-9)
+                value = r.low + min(round((value - r.low) / r.step), steps) * r.step
+            out[key] = round(value, 6)
+        for key, choices in (("importance", self.importance), ("round_to", self.round_to)):
+            if isinstance(choices, list):
+                if params.get(key) not in choices:
+                    raise SearchSpaceError(f"'{key}' = {params.get(key)!r} is not one of {choices}.")
+                out[key] = params[key]
+        return out
+
     def candidate_from_params(self, params: dict[str, Any]) -> Candidate:
         """Rebuild the candidate a trial sampled from its stored parameters."""
         return self.suggest(_Replay(params))
