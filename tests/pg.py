@@ -37,7 +37,7 @@ class Cluster:
         bin_dir = server_bin()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL server binaries not found")
-        self.root, self.port = root, _free_port()
+        self.root, self.port, self.password = root, _free_port(), "yp-test-secret"
         self.data = root / "data"
         root.mkdir(parents=True, exist_ok=True)
         self._as_user = []
@@ -45,7 +45,15 @@ class Cluster:
             user = pwd.getpwnam("postgres")
             os.chown(root, user.pw_uid, user.pw_gid)
             self._as_user = ["runuser", "-u", "postgres", "--"]
-        self._run([str(bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync"])
+        pwfile = root / "pw"
+        pwfile.write_text(self.password + "\n")
+        if self._as_user:
+            os.chown(pwfile, user.pw_uid, user.pw_gid)
+        # Passwords over TCP (so a wrong one is refused, as on a real server); trust on the local socket only.
+        self._run([
+            str(bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--no-sync",
+            "--auth-host=scram-sha-256", "--auth-local=trust", f"--pwfile={pwfile}",
+        ])  # fmt: skip
         self._run([
             str(bin_dir / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(root / "server.log"),
             "-o", f"-h 127.0.0.1 -p {self.port} -k {root} -c fsync=off",
@@ -57,7 +65,7 @@ class Cluster:
         subprocess.run([*self._as_user, *cmd], check=True, capture_output=True, timeout=120)
 
     def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        return f"postgresql://postgres:{self.password}@127.0.0.1:{self.port}/{database}"
 
     def create_database(self, name: str) -> str:
         from sqlalchemy import create_engine, text

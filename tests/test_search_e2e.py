@@ -3,6 +3,7 @@ metrics in SQLite, `results` reads them back, and a search killed mid-trial resu
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -268,6 +269,9 @@ def test_export_best_trial_through_the_cli(tmp_path, tiny_data, plain_env):
     assert _run("search", str(cfg_path), "--no-progress", cwd=tmp_path).returncode == 0
     bad = _run("export", str(cfg_path), "--trial", "7", cwd=tmp_path)
     assert bad.returncode == 2 and "does not exist; trials are numbered 0-1" in bad.stderr
+    if importlib.util.find_spec("tensorrt") is None:  # refused before any training, with the way out
+        bad = _run("export", str(cfg_path), "--engine", "--output", str(tmp_path / "no-trt"), cwd=tmp_path)
+        assert bad.returncode == 2 and "trtexec --onnx" in bad.stderr and not (tmp_path / "no-trt").exists()
     out = tmp_path / "exported"
     proc = _run("export", str(cfg_path), "--epochs", "1", "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -293,6 +297,36 @@ def test_export_best_trial_through_the_cli(tmp_path, tiny_data, plain_env):
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     assert abs(float(loaded.stdout.split("MAP")[1]) - card["after"]["map50_95"]) < 0.02
+
+
+def test_interrupted_export_fine_tune_resumes(tmp_path, tiny_data):
+    import json
+
+    import torch
+
+    cfg_path = _config(tmp_path, tiny_data, "resume-exp", budget={"trials": 1}, constraints=[], targets=[],
+                       objectives=[{"metric": "map50_95", "direction": "maximize"}])  # fmt: skip
+    assert _run("search", str(cfg_path), "--no-progress", cwd=tmp_path).returncode == 0
+    out = tmp_path / "exported"
+    last = out / "runs" / "resume-exp-trial0" / "weights" / "last.pt"
+    args = [*CLI, "export", str(cfg_path), "--trial", "0", "--epochs", "4", "--output", str(out)]
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)  # let the checkpoint write finish
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(60)
+    done = torch.load(last, map_location="cpu", weights_only=False)["epoch"] + 1
+    assert 1 <= done < 4, done
+
+    again = _run("export", str(cfg_path), "--trial", "0", "--epochs", "4", "--output", str(out), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed the interrupted fine-tune at epoch {done + 1}" in again.stdout, again.stdout
+    card = json.loads((out / "resume-exp-trial0.card.json").read_text())
+    assert card["finetune"]["resumed_from_epoch"] == done and len(card["finetune"]["history"]) == 4 - done
+    fresh = _run("export", str(cfg_path), "--trial", "0", "--epochs", "4", "--output", str(out), cwd=tmp_path)
+    assert fresh.returncode == 0 and "resumed" not in fresh.stdout  # a finished run is not resumed
 
 
 def test_uniform_baseline_runs_in_the_same_study(tmp_path, tiny_data):

@@ -98,6 +98,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="print every trial, not only the front")
     s.set_defaults(func=_cmd_results)
 
+    s = sub.add_parser("report", help="write the search's HTML report (plotly, offline) and trials.csv")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("--storage", help="override the storage URL")
+    s.add_argument("--trial", type=int, default=None, help="trial for the per-class AP plot (default: the best)")
+    s.add_argument("--output", default=None, help="HTML file (default <experiment output>/report.html)")
+    s.set_defaults(func=_cmd_report)
+
     s = sub.add_parser("export", help="rebuild a trial's model, fine-tune it fully, write .pt, .onnx and a model card")
     s.add_argument("config", help="experiment YAML")
     s.add_argument("--trial", default="best", help="a trial number, or best (default)")
@@ -106,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--latency-budget-ms", type=float, default=None)
     s.add_argument("--epochs", type=int, default=30, help="fine-tune epochs (default 30)")
     s.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch dimension")
+    s.add_argument("--engine", action="store_true", help="also build an FP16 TensorRT engine (needs TensorRT here)")
+    s.add_argument("--fresh", action="store_true", help="restart an interrupted fine-tune instead of resuming it")
     s.add_argument("--output", default=None, help="folder (default <experiment output>/export)")
     s.set_defaults(func=_cmd_export)
 
@@ -285,6 +294,20 @@ def _print_results(config: ExperimentConfig, show_all: bool = False) -> None:
     print(render_results(config, show_all=show_all))
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search.report import write_report
+
+    report = write_report(
+        load_config(args.config, _overrides(args)),
+        output=Path(args.output) if args.output else None,
+        trial=args.trial,
+    )
+    print(f"wrote {report.path} ({len(report.figures)} plots; per-class AP of trial {report.trial})")
+    print(f"wrote {report.csv}")
+    return 0
+
+
 def _cmd_export(args: argparse.Namespace) -> int:
     from yoloprune.config import load_config
     from yoloprune.deploy.export import export_trial, select_trial
@@ -295,11 +318,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     trial = select_trial(study, config, args.trial, policy=args.policy, latency_budget_ms=args.latency_budget_ms)
     print(f"exporting trial {trial.number} of '{config.name}' ({args.epochs} fine-tune epochs)")
     output = Path(args.output) if args.output else config.output_dir / "export"
-    result = export_trial(config, trial, epochs=args.epochs, output=output, dynamic=args.dynamic)
+    result = export_trial(
+        config, trial, epochs=args.epochs, output=output, dynamic=args.dynamic, engine=args.engine, fresh=args.fresh
+    )
+    resumed = result.card["finetune"]["resumed_from_epoch"]
+    if resumed is not None:
+        print(f"resumed the interrupted fine-tune at epoch {resumed + 1}")
     after = result.card["after"]
     print(f"mAP50-95 {after['map50_95']:.4f} (drop {100 * after['map50_95_drop']:.1f}%), GFLOPs {after['gflops']:.3f}")
-    for path in (result.checkpoint, result.onnx, result.card_json, result.card_md):
-        print(f"wrote {path}")
+    for path in (result.checkpoint, result.onnx, result.engine, result.card_json, result.card_md):
+        if path is not None:
+            print(f"wrote {path}")
     return 0
 
 

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, TrialState
 from torch import nn
 
 from yoloprune.config import ExperimentConfig
-from yoloprune.errors import ConfigError
+from yoloprune.errors import BackendUnavailableError, ConfigError
 from yoloprune.log import get_logger
 
 LOGGER = get_logger(__name__)
@@ -80,12 +80,24 @@ class ExportResult:
     card_json: Path
     card_md: Path
     card: dict[str, Any]
+    engine: Path | None = None
 
 
 def export_trial(
-    config: ExperimentConfig, trial: FrozenTrial, *, epochs: int, output: Path, dynamic: bool = False
+    config: ExperimentConfig,
+    trial: FrozenTrial,
+    *,
+    epochs: int,
+    output: Path,
+    dynamic: bool = False,
+    engine: bool = False,
+    fresh: bool = False,
 ) -> ExportResult:
-    """Rebuild ``trial``'s model from the base, fine-tune ``epochs``, validate, and write the deliverables."""
+    """Rebuild ``trial``'s model from the base, fine-tune ``epochs``, validate, and write the deliverables.
+
+    An interrupted fine-tune of the same trial and ``epochs`` resumes from its last epoch unless
+    ``fresh``. ``engine`` also builds an FP16 TensorRT engine (TensorRT must be installed here).
+    """
     from yoloprune.deploy.onnx import check_onnx, export_onnx
     from yoloprune.evaluators.hardware import HardwareEvaluator
     from yoloprune.evaluators.proxy import ProxyEvaluator, raw_metrics
@@ -98,6 +110,8 @@ def export_trial(
     from yoloprune.ultra.train import finetune
     from yoloprune.ultra.val import recalibrate_bn, validate
 
+    if engine:
+        _check_engine_export(dynamic)  # before any training: nothing computed is lost to a missing TensorRT
     exp = prepare(config)
     candidate = config.space.candidate_from_params(trial.params)
     output.mkdir(parents=True, exist_ok=True)
@@ -109,6 +123,7 @@ def export_trial(
         )
         recalibrate_bn(model, exp.data, imgsz=config.imgsz, batches=config.finetune.bn_batches, device=exp.device)
         history: list[dict[str, float]] = []
+        resumed_from: int | None = None
         if epochs > 0:
             tuned = finetune(
                 model,
@@ -119,9 +134,10 @@ def export_trial(
                 device=exp.device,
                 project=output / "runs",
                 name=stem,
+                resume=not fresh,
                 **config.finetune.overrides,
             )
-            model, history = tuned.model, tuned.epochs
+            model, history, resumed_from = tuned.model, tuned.epochs, tuned.resumed_from
         val = validate(model, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
         # The search stored the unpruned model's metrics once; evaluate them only if it never ran.
         evaluator = ProxyEvaluator(
@@ -155,11 +171,12 @@ def export_trial(
     )
     onnx_path = export_onnx(model, output / f"{stem}.onnx", imgsz=config.imgsz, dynamic=dynamic)
     check = check_onnx(onnx_path, model, imgsz=config.imgsz)
+    files = {p.name: file_sha256(p) for p in (checkpoint, onnx_path)}
     card = {
         "experiment": config.name,
         "trial": trial.number,
         "candidate": {"ratios": candidate.ratios, "importance": candidate.importance, "round_to": candidate.round_to},
-        "finetune": {"epochs": epochs, "history": history},
+        "finetune": {"epochs": epochs, "history": history, "resumed_from_epoch": resumed_from},
         "before": base_raw,
         "after": metrics,
         "per_class_ap50_95": {
@@ -168,22 +185,54 @@ def export_trial(
         },
         "latency": latency,
         "onnx_check": {"max_abs_diff": check.max_abs_diff, "scale": check.scale, "dynamic_batch": dynamic},
-        "files": {p.name: file_sha256(p) for p in (checkpoint, onnx_path)},
+        "files": files,
         "versions": _versions(),
         "seconds": time.perf_counter() - start,
     }
+    engine_path = _build_engine(model, output / f"{stem}.fp16.engine", onnx_path, config.imgsz) if engine else None
+    if engine_path is not None:
+        files[engine_path.name] = file_sha256(engine_path)
     card_json = output / f"{stem}.card.json"
     card_json.write_text(json.dumps(card, indent=2, default=float))
     card_md = output / f"{stem}.card.md"
     card_md.write_text(_markdown(card))
     for path, kind in ((checkpoint, "export_checkpoint"), (onnx_path, "export_onnx"), (card_json, "model_card")):
         exp.store.add_artifact(exp.experiment_id, kind, path, trial.number)
-    return ExportResult(checkpoint, onnx_path, card_json, card_md, card)
+    if engine_path is not None:
+        exp.store.add_artifact(exp.experiment_id, "export_engine", engine_path, trial.number)
+    return ExportResult(checkpoint, onnx_path, card_json, card_md, card, engine_path)
+
+
+def _check_engine_export(dynamic: bool) -> None:
+    from yoloprune.evaluators.latency.tensorrt_backend import TensorRTBackend
+
+    if dynamic:
+        raise ConfigError("--engine builds a static-batch engine; drop --dynamic (or build one with trtexec).")
+    if not TensorRTBackend.available():
+        raise BackendUnavailableError(
+            "--engine needs TensorRT and a CUDA GPU on this machine (pip install -e '.[tensorrt]'). Without them, "
+            "export the ONNX here and build the engine on the target: "
+            "trtexec --onnx=MODEL.onnx --fp16 --saveEngine=MODEL.engine"
+        )
+
+
+def _build_engine(model: nn.Module, path: Path, onnx_path: Path, imgsz: int) -> Path:
+    """An FP16 engine for this machine's GPU (TensorRT 10: FP16 flag on the fp32 ONNX; 11: an FP16 ONNX)."""
+    from yoloprune.deploy.onnx import export_onnx
+    from yoloprune.evaluators.latency.base import LatencySpec
+    from yoloprune.evaluators.latency.tensorrt_backend import TensorRTBackend, _trt_major
+
+    source = onnx_path
+    if _trt_major() >= 11:  # strongly typed networks take their precision from the ONNX
+        source = export_onnx(model, path.with_suffix(".onnx"), imgsz=imgsz, half=True, device="0")
+    spec = LatencySpec(precision="fp16", batch=1, imgsz=imgsz, device="cuda")
+    path.write_bytes(TensorRTBackend().build_engine(source, spec, timing_cache=path.with_suffix(".timing-cache")))
+    return path
 
 
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "ultralytics", "torch-pruning", "optuna", "onnx", "onnxruntime", "yoloprune"):
+    for name in ("torch", "ultralytics", "torch-pruning", "optuna", "onnx", "onnxruntime", "tensorrt", "yoloprune"):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

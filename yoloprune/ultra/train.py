@@ -60,6 +60,21 @@ class PrunedDetectionTrainer(DetectionTrainer):
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         return self._pruned
 
+    def setup_model(self) -> dict[str, Any] | None:
+        """On resume, load the interrupted run's weights into the pruned module; its checkpoint restores the rest."""
+        if not self.resume:
+            return None
+        weights, ckpt = load_checkpoint(str(self.args.resume))
+        state, mine = weights.float().state_dict(), self._pruned.state_dict()
+        if state.keys() != mine.keys() or any(state[k].shape != mine[k].shape for k in mine):
+            raise EvaluatorError(
+                f"cannot resume from {self.args.resume}: it holds a different architecture. "
+                "Remove that run folder to start the fine-tune again."
+            )
+        self._pruned.load_state_dict(state)
+        setattr(self, "model", self._pruned)  # noqa: B010
+        return dict(ckpt)
+
 
 @dataclass
 class FinetuneResult:
@@ -71,6 +86,8 @@ class FinetuneResult:
         val: the trainer's final validation of ``model``, with per-class AP.
         val_seconds: time spent validating inside the fine-tune (per epoch and final).
         best: path of the trainer's ``best.pt`` (None once the run folder is removed).
+        resumed_from: the epoch (0-based) an interrupted run resumed at; ``epochs`` then lists only
+            the epochs run by this call.
     """
 
     model: nn.Module
@@ -78,6 +95,7 @@ class FinetuneResult:
     val: ValResult | None = None
     val_seconds: float = 0.0
     best: Path | None = None
+    resumed_from: int | None = None
 
 
 def finetune(
@@ -93,6 +111,7 @@ def finetune(
     workers: int = 0,
     on_epoch: EpochCallback | None = None,
     keep_run: bool = True,
+    resume: bool = False,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a copy) for ``epochs`` on ``data``; returns the best weights and per-epoch mAP.
@@ -101,6 +120,8 @@ def finetune(
         on_epoch: called after each epoch's validation with ``(epoch, {"map50", "map50_95"})``;
             it may raise to stop the run (e.g. ``optuna.TrialPruned``), which propagates.
         keep_run: keep the Ultralytics run folder (weights, results.csv); False removes it at the end.
+        resume: continue an interrupted run of the same ``project``/``name`` and ``epochs`` from its
+            ``last.pt`` (weights, optimizer, EMA, epoch); a finished or absent run starts afresh.
         overrides: any Ultralytics training argument (``lr0``, ``mosaic``, ``optimizer``...).
     """
     if epochs < 1:
@@ -124,6 +145,10 @@ def finetune(
         "amp": device not in ("cpu", "mps"),
         **overrides,
     }
+    resumed_from = _resumable(project / name / "weights" / "last.pt", epochs) if resume else None
+    if resumed_from is not None:
+        args["resume"] = str(project / name / "weights" / "last.pt")
+        LOGGER.info("resuming the interrupted fine-tune in %s at epoch %d", project / name, resumed_from + 1)
     trainer = PrunedDetectionTrainer(work, args)
     history: list[dict[str, float]] = []
 
@@ -165,4 +190,20 @@ def finetune(
             f"fine-tuning changed the architecture ({params} -> {count_params(trained)} parameters): the trainer "
             "rebuilt the model. This is a bug in yoloprune's Ultralytics adapter; please report it."
         )
-    return FinetuneResult(trained, history, final, val_clock["total"], best if keep_run else None)
+    return FinetuneResult(trained, history, final, val_clock["total"], best if keep_run else None, resumed_from)
+
+
+def _resumable(last: Path, epochs: int) -> int | None:
+    """The epoch (0-based) an interrupted run of ``epochs`` epochs would resume at, or None."""
+    if not last.is_file():
+        return None
+    try:
+        _, ckpt = load_checkpoint(str(last))
+    except Exception as e:  # a file cut short by the interruption: start afresh
+        LOGGER.warning("cannot read %s (%s); starting the fine-tune afresh", last, e)
+        return None
+    start = int(ckpt.get("epoch", -1)) + 1
+    planned = int((ckpt.get("train_args") or {}).get("epochs", -1))
+    if ckpt.get("optimizer") is None or planned != epochs or not 0 < start < epochs:
+        return None  # finished (optimizer stripped), or a run of another length
+    return start
