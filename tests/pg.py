@@ -54,9 +54,13 @@ class Cluster:
             str(bin_dir / "initdb"), "-D", str(self.data), "-U", "postgres", "--no-sync",
             "--auth-host=scram-sha-256", "--auth-local=trust", f"--pwfile={pwfile}",
         ])  # fmt: skip
+        self._bin = bin_dir
+        self.start()
+
+    def start(self) -> None:
         self._run([
-            str(bin_dir / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(root / "server.log"),
-            "-o", f"-h 127.0.0.1 -p {self.port} -k {root} -c fsync=off",
+            str(self._bin / "pg_ctl"), "-D", str(self.data), "-w", "-l", str(self.root / "server.log"),
+            "-o", f"-h 127.0.0.1 -p {self.port} -k {self.root} -c fsync=off",
             "start",
         ])  # fmt: skip
         self.pid = int((self.data / "postmaster.pid").read_text().splitlines()[0])

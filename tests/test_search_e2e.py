@@ -112,6 +112,7 @@ def test_killed_search_resumes_without_losing_a_trial(tmp_path, tiny_data):
         finetune={"epochs": 4, "batch": 8, "bn_batches": 1},
         constraints=[],
         budget={"trials": 3},
+        engine={"sampler": "random", "seed": 1, "heartbeat_s": 1, "grace_s": 2},
     )
     proc = subprocess.Popen(
         [*CLI, "search", str(cfg_path), "--no-progress"],
@@ -140,6 +141,7 @@ def test_killed_search_resumes_without_losing_a_trial(tmp_path, tiny_data):
         proc.wait()
     killed = [t for t in _study(cfg_path).get_trials() if t.state == TrialState.RUNNING]
     assert len(killed) == 1
+    time.sleep(3)  # past the heartbeat grace: the next run knows no worker is still running that trial
 
     resumed = _run("search", str(cfg_path), "--no-progress", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-4000:]

@@ -51,3 +51,97 @@ def test_bad_urls():
         Store("nosuchdb://host/db")
     with pytest.raises(YoloPruneError, match="postgres"):
         Store("postgresql://user:pw@127.0.0.1:9/db")  # no driver, or nothing listening on port 9
+
+
+def test_an_older_schema_is_refused_with_the_command_and_upgraded_in_place(url):
+    """A database made by schema version 1 (no yp_meta, no yp_workers) keeps its rows through `db upgrade`."""
+    from sqlalchemy import insert
+
+    from yoloprune.cli import main
+    from yoloprune.storage.db import SCHEMA_VERSION, Base, ExperimentRow, engine_for, schema_version
+
+    engine = engine_for(url)
+    v1 = [Base.metadata.tables[t] for t in ("yp_experiments", "yp_baselines", "yp_artifacts", "yp_latency")]
+    Base.metadata.create_all(engine, tables=v1)
+    with engine.begin() as conn:
+        conn.execute(insert(ExperimentRow).values(name="old", config={}, schema_version=1))
+    assert schema_version(engine) == 1
+    with pytest.raises(StorageError, match=r"schema version 1; .*yoloprune db upgrade --storage"):
+        Store(url)
+    assert main(["db", "check", "--storage", url]) == 1
+    assert main(["db", "upgrade", "--storage", url]) == 0
+    assert schema_version(engine) == SCHEMA_VERSION and main(["db", "check", "--storage", url]) == 0
+    store = Store(url)
+    exp = store.find_experiment("old")
+    assert exp is not None  # nothing lost
+    worker, index = store.register_worker(exp)
+    assert index == 0 and store.workers(exp)[0]["id"] == worker
+
+
+def test_a_newer_schema_is_refused(url):
+    from sqlalchemy import text
+
+    store = Store(url)
+    with store.engine.begin() as conn:
+        conn.execute(text("UPDATE yp_meta SET value = '99' WHERE key = 'schema_version'"))
+    with pytest.raises(StorageError, match="newer than this yoloprune"):
+        Store(url)
+
+
+def test_lock_is_exclusive_across_processes(url, tmp_path):
+    """Two processes take the same named lock; their critical sections never overlap."""
+    import subprocess
+    import sys
+    import textwrap
+
+    log = tmp_path / "log.txt"
+    script = textwrap.dedent(f"""
+        import time, sys
+        from yoloprune.storage import Store
+        store = Store({url!r})
+        with store.lock("baseline:1:k"):
+            with open({str(log)!r}, "a") as f:
+                f.write("in " + sys.argv[1] + "\\n")
+            time.sleep(1.0)
+            with open({str(log)!r}, "a") as f:
+                f.write("out " + sys.argv[1] + "\\n")
+    """)
+    Store(url)  # create the tables first
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)]) for i in range(2)]
+    assert all(p.wait(120) == 0 for p in procs)
+    lines = log.read_text().split()
+    pairs = list(zip(lines[0::2], lines[1::2]))
+    assert len(pairs) == 4 and pairs[0][1] == pairs[1][1] and pairs[2][1] == pairs[3][1]
+    assert [p[0] for p in pairs] == ["in", "out", "in", "out"]
+
+
+def test_wrong_password_and_unreachable_server_say_how_to_fix(postgres):
+    bad = postgres.url().replace(postgres.password, "wrong")
+    with pytest.raises(StorageError, match=r"password authentication failed.*psql -h 127\.0\.0\.1"):
+        Store(bad)
+    with pytest.raises(YoloPruneError, match=r"pg_isready -h 127\.0\.0\.1 -p 9"):
+        Store("postgresql://postgres:x@127.0.0.1:9/db")
+
+
+def test_storage_survives_a_database_restart(postgres):
+    """A PostgreSQL restart while a worker runs: its next calls wait and succeed (retried with backoff)."""
+    import threading
+    import time
+
+    from yoloprune.search.optuna_engine import rdb_storage
+
+    url = postgres.create_database("restart")
+    store = Store(url)
+    exp = store.experiment_id("exp", {})
+    storage = rdb_storage(url)
+    storage.get_all_studies()
+    postgres.stop()
+    restart = threading.Timer(2.0, postgres.start)
+    restart.start()
+    try:
+        t0 = time.monotonic()
+        assert store.find_experiment("exp") == exp
+        assert storage.get_all_studies() == []
+        assert time.monotonic() - t0 >= 1.5  # it really waited for the server
+    finally:
+        restart.join()

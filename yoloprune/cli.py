@@ -92,6 +92,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="first evaluate the uniform baseline: the same ratio R on every searched stage")  # fmt: skip
     s.set_defaults(func=_cmd_search)
 
+    s = sub.add_parser(
+        "worker", help="join a search (shared storage, e.g. PostgreSQL): run its trials until the budget"
+    )
+    s.add_argument("config", help="experiment YAML (the same file on every machine)")
+    s.add_argument("--storage", help="the shared storage URL (overrides the config's)")
+    s.add_argument("--trials", type=int, help="override budget.trials")
+    s.add_argument("--progress", action="store_true", help="show progress bars")
+    s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' own output")
+    s.set_defaults(func=_cmd_worker)
+
+    s = sub.add_parser("db", help="database maintenance: `db upgrade` brings an older schema to this version")
+    s.add_argument("action", choices=["upgrade", "check"])
+    s.add_argument("config", nargs="?", help="experiment YAML (its storage), or give --storage")
+    s.add_argument("--storage", help="storage URL")
+    s.set_defaults(func=_cmd_db)
+
     s = sub.add_parser("results", help="print an experiment's Pareto front and write trials.csv")
     s.add_argument("config", help="experiment YAML")
     s.add_argument("--storage", help="override the storage URL")
@@ -278,6 +294,43 @@ def _cmd_search(args: argparse.Namespace) -> int:
         _print_results(config)
         return 130
     _print_results(config)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search.runner import run_search
+
+    config = load_config(args.config, _overrides(args))
+    if config.storage_url.startswith("sqlite") and args.storage is None:
+        LOGGER.warning("storage is SQLite (%s): workers can share it on this machine only", config.storage_url)
+    try:
+        run_search(config, progress=args.progress, verbose=args.verbose)
+    except KeyboardInterrupt:
+        print("\ninterrupted: this worker's running trial is queued again; the others carry on.", file=sys.stderr)
+        return 130
+    _print_results(config)
+    return 0
+
+
+def _cmd_db(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search.optuna_engine import upgrade_optuna_schema
+    from yoloprune.storage.db import SCHEMA_VERSION, Store, engine_for, schema_version
+
+    if args.storage:
+        url = args.storage
+    elif args.config:
+        url = load_config(args.config).storage_url
+    else:
+        raise ConfigError("give the database: `yoloprune db upgrade CONFIG` or `--storage URL`.")
+    if args.action == "check":
+        found = schema_version(engine_for(url))
+        print(f"yoloprune schema: {'none yet' if found is None else found} (this yoloprune: {SCHEMA_VERSION})")
+        return 0 if found in (None, SCHEMA_VERSION) else 1
+    Store(url, upgrade=True)
+    upgrade_optuna_schema(url)
+    print(f"yoloprune schema version {SCHEMA_VERSION} and Optuna's tables are up to date")
     return 0
 
 

@@ -64,6 +64,9 @@ class EngineConfig(_Section):
             maximise the scalar reward), or ``optuna``: this engine's sampler (``sampler``) on the
             objectives and constraints, wrapped as an NNI tuner.
         trial_concurrency: NNI trials run at once on this machine.
+        heartbeat_s: how often a running trial tells the database it is alive (seconds).
+        grace_s: a running trial silent for this long belongs to a dead worker: it is failed and retried.
+        max_retries: how many times an interrupted trial is queued again.
     """
 
     name: Literal["optuna"] = "optuna"
@@ -73,6 +76,15 @@ class EngineConfig(_Section):
     startup_trials: int = Field(4, ge=0)
     nni_tuner: Literal["tpe", "evolution", "random", "optuna"] = "tpe"
     trial_concurrency: int = Field(1, ge=1)
+    heartbeat_s: int = Field(10, ge=1)
+    grace_s: int = Field(60, ge=2)
+    max_retries: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _grace_after_heartbeat(self) -> EngineConfig:
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"grace_s ({self.grace_s}) must exceed heartbeat_s ({self.heartbeat_s})")
+        return self
 
 
 class BudgetConfig(_Section):

@@ -35,7 +35,7 @@ from yoloprune.device import default_device
 from yoloprune.errors import BackendUnavailableError, ConfigError, YoloPruneError
 from yoloprune.log import get_logger
 from yoloprune.search.objectives import violations
-from yoloprune.search.optuna_engine import EpochReporter, make_sampler, open_study, rdb_storage
+from yoloprune.search.optuna_engine import EpochReporter, make_sampler, open_study, rdb_storage, set_constraints
 from yoloprune.spaces import RatioRange, SearchSpace
 
 if TYPE_CHECKING:
@@ -319,7 +319,7 @@ class OptunaTuner(_tuner_base()):  # type: ignore[misc]
 
     def __init__(self, config_file: str) -> None:
         self.cfg = config_from_dict(json.loads(Path(config_file).read_text()), source=config_file)
-        sampler = make_sampler(self.cfg.engine, self.cfg.space, len(self.cfg.constraints))
+        sampler = make_sampler(self.cfg.engine, self.cfg.space)
         self.study = optuna.create_study(directions=[o.direction for o in self.cfg.objectives], sampler=sampler)
         self.pending: dict[int, optuna.Trial] = {}
 
@@ -342,7 +342,7 @@ class OptunaTuner(_tuner_base()):  # type: ignore[misc]
             if any(v is None for v in values):
                 raise KeyError("an objective")
             if self.cfg.constraints:
-                trial.set_user_attr("constraints", violations(metrics, self.cfg.constraints))
+                set_constraints(trial, violations(metrics, self.cfg.constraints))
         except KeyError as e:  # a metric the trial could not report (NaN): the sampler learns nothing from it
             LOGGER.warning("NNI parameter %d: no %s in its result; told as failed", parameter_id, e)
             self.study.tell(trial, state=TrialState.FAIL)

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
+from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
@@ -16,7 +19,7 @@ from yoloprune.config import EngineConfig, ExperimentConfig
 from yoloprune.errors import ConfigError, StorageError
 from yoloprune.log import get_logger
 from yoloprune.spaces import SearchSpace
-from yoloprune.storage.db import normalize_url
+from yoloprune.storage.db import normalize_url, retry_transient
 
 LOGGER = get_logger(__name__)
 
@@ -24,29 +27,37 @@ LOGGER = get_logger(__name__)
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
-def _constraints(trial: FrozenTrial) -> list[float]:
-    # Written by the objective before it returns; absent on a failed trial.
-    return list(trial.user_attrs.get("constraints", []))
+def set_constraints(trial: optuna.Trial, values: list[float]) -> None:
+    """Record a trial's constraint violations (<= 0: satisfied) where TPE and NSGA-II read them.
+
+    Also kept as the ``constraints`` user attribute, for tables and older readers.
+    """
+    trial.set_user_attr("constraints", values)
+    for i, value in enumerate(values):
+        trial.set_constraint(f"c{i}", value if math.isfinite(value) else 1e6)  # NaN: no metric, infeasible
 
 
-def make_sampler(engine: EngineConfig, space: SearchSpace, n_constraints: int) -> optuna.samplers.BaseSampler:
-    """The sampler named in the config. TPE and NSGA-II see the constraints; random and grid do not need to."""
-    constraints_func = _constraints if n_constraints else None
+def make_sampler(engine: EngineConfig, space: SearchSpace, worker: int = 0) -> optuna.samplers.BaseSampler:
+    """The sampler named in the config. TPE and NSGA-II see the constraints (:func:`set_constraints`).
+
+    ``worker`` (0 for the first worker of a search) shifts the seed, so workers sharing a study do not
+    all propose the same candidates.
+    """
+    seed = None if engine.seed is None else engine.seed + 7919 * worker
     if engine.sampler == "tpe":
         return optuna.samplers.TPESampler(
-            seed=engine.seed,
+            seed=seed,
             n_startup_trials=engine.startup_trials,
-            constraints_func=constraints_func,
             multivariate=True,
         )
     if engine.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=engine.seed, constraints_func=constraints_func, population_size=8)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
     if engine.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=engine.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     grid = space.grid()
     if not grid:
         raise ConfigError("engine.sampler 'grid' needs at least one searched (not fixed) parameter.")
-    return optuna.samplers.GridSampler(grid, seed=engine.seed)
+    return optuna.samplers.GridSampler(grid, seed=seed)
 
 
 def make_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner | None:
@@ -58,14 +69,17 @@ def make_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner 
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
 
 
-def open_study(config: ExperimentConfig, *, create: bool = True) -> optuna.Study:
-    """Create or load the experiment's study (same name as the experiment) in its storage."""
+def open_study(config: ExperimentConfig, *, create: bool = True, worker: int = 0) -> optuna.Study:
+    """Create or load the experiment's study (same name as the experiment) in its storage.
+
+    Several workers may call this at once on a shared database: one creates the study, the others load it.
+    """
     url = config.storage_url
     if not create and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise ConfigError(
             f"no search named '{config.name}': {url} does not exist. Run `yoloprune search CONFIG` first."
         )
-    storage = rdb_storage(url)
+    storage = rdb_storage(url, config.engine)
     directions = [o.direction for o in config.objectives]
     if not create:
         try:
@@ -74,10 +88,13 @@ def open_study(config: ExperimentConfig, *, create: bool = True) -> optuna.Study
             raise ConfigError(
                 f"no search named '{config.name}' in {config.storage_url}. Run `yoloprune search CONFIG` first."
             ) from None
-    sampler = make_sampler(config.engine, config.space, len(config.constraints))
-    study = optuna.create_study(
-        study_name=config.name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
-    )
+    sampler = make_sampler(config.engine, config.space, worker)
+    try:
+        study = optuna.create_study(
+            study_name=config.name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
+        )
+    except optuna.exceptions.DuplicatedStudyError:  # another worker created it between the check and the insert
+        study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
     stored = ["maximize" if d == StudyDirection.MAXIMIZE else "minimize" for d in study.directions]
     if stored != directions:
         raise ConfigError(
@@ -87,25 +104,115 @@ def open_study(config: ExperimentConfig, *, create: bool = True) -> optuna.Study
     return study
 
 
-def rdb_storage(url: str) -> RDBStorage:
+def rdb_storage(url: str, engine: EngineConfig | None = None) -> RDBStorage:
+    """Optuna's storage on ``url``, retrying transient errors; with ``engine``, trials send heartbeats.
+
+    A trial whose worker stops sending heartbeats for ``engine.grace_s`` is failed by the next worker
+    that looks (:func:`fail_stale`) and queued again, up to ``engine.max_retries`` times.
+    """
+    heartbeat: dict[str, Any] = {}
+    if engine is not None:
+        heartbeat = {
+            "heartbeat_interval": engine.heartbeat_s,
+            "grace_period": engine.grace_s,
+            "heartbeat_stale_trial_callback": _RetryStale(engine.max_retries),
+        }
     try:
-        return RDBStorage(normalize_url(url), engine_kwargs={"pool_pre_ping": True})
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _RetryingRDBStorage(normalize_url(url), engine_kwargs={"pool_pre_ping": True}, **heartbeat)
     except Exception as e:  # Optuna wraps driver errors in several types
-        raise StorageError(f"cannot open Optuna storage '{url}': {e}") from e
+        message = str(e)
+        if "optuna storage upgrade" in message or "no longer compatible" in message:
+            message += f" Fix: yoloprune db upgrade --storage '{url}'"
+        raise StorageError(f"cannot open Optuna storage '{url}': {message}") from e
+
+
+def upgrade_optuna_schema(url: str) -> None:
+    """Bring Optuna's own tables to this Optuna's schema (what ``optuna storage upgrade`` does)."""
+    from sqlalchemy import create_engine, inspect
+
+    engine = create_engine(normalize_url(url))
+    try:
+        if "version_info" not in inspect(engine).get_table_names():
+            return  # no Optuna tables yet: they are created at the current version on first use
+    finally:
+        engine.dispose()
+    storage = RDBStorage(normalize_url(url), skip_compatibility_check=True, skip_table_creation=True)
+    storage.upgrade()
+
+
+class _RetryingRDBStorage(RDBStorage):
+    """RDBStorage whose calls survive a database restart or a dropped connection (retried with backoff)."""
+
+
+for _name in (
+    "create_new_study", "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "set_study_user_attr", "set_study_system_attr",
+    "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_id_from_study_id_trial_number",
+    "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
+    "get_trial", "get_all_trials", "get_best_trial", "record_heartbeat", "_get_stale_trial_ids",
+):  # fmt: skip
+    setattr(_RetryingRDBStorage, _name, retry_transient(getattr(RDBStorage, _name)))
+
+
+class _RetryStale:
+    """Queue a stale (killed worker's) trial's parameters again, at most ``max_retries`` times in a chain."""
+
+    def __init__(self, max_retries: int) -> None:
+        self.max_retries = max_retries
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+        depth, current = 0, trial
+        while (previous := current.user_attrs.get("retry_of")) is not None and previous in by_number:
+            depth, current = depth + 1, by_number[previous]
+        if not trial.params or depth >= self.max_retries:
+            LOGGER.warning("trial %d was interrupted; not retried (%d retries already)", trial.number, depth)
+            return
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number}, skip_if_exists=False)
+        LOGGER.warning("trial %d was interrupted (no heartbeat); queued again", trial.number)
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail the running trials whose worker stopped sending heartbeats, with the reason, and retry them."""
+    storage = study._storage
+    if not isinstance(storage, BaseHeartbeat) or not is_heartbeat_enabled(storage):
+        return []
+    failed = []
+    for trial_id in storage._get_stale_trial_ids(study._study_id):
+        try:
+            storage.set_trial_user_attr(
+                trial_id, "error", "interrupted: its worker stopped sending heartbeats (killed or disconnected)"
+            )
+            if storage.set_trial_state_values(trial_id, TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first
+    callback = storage.get_heartbeat_stale_trial_callback()
+    numbers = []
+    for trial_id in failed:
+        frozen = storage.get_trial(trial_id)
+        numbers.append(frozen.number)
+        if callback is not None:
+            callback(study, frozen)
+    return numbers
 
 
 def recover_interrupted(study: optuna.Study) -> list[int]:
     """Fail the trials a stopped process left behind and queue their parameters again.
 
-    A trial still RUNNING at start-up belongs to a killed process (one process per study; issue #7 adds
-    heartbeats for several workers); a FAILED trial marked ``interrupted`` was stopped by Ctrl-C. Each is
-    queued once (its retry carries ``retry_of``).
+    With heartbeats (RDB storage), a RUNNING trial is failed only once its worker has been silent for
+    the grace period: other workers may be running it. Without them (one process per study), every
+    RUNNING trial at start-up belongs to a killed process. A FAILED trial marked ``interrupted`` was
+    stopped by Ctrl-C. Each is queued once (its retry carries ``retry_of``).
     """
+    recovered = fail_stale(study)
+    heartbeats = isinstance(study._storage, BaseHeartbeat) and is_heartbeat_enabled(study._storage)
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    recovered = []
     for t in trials:
-        if t.state == TrialState.RUNNING:
+        if t.state == TrialState.RUNNING and not heartbeats:
             study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (the search process stopped)")
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         elif not (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")) or t.number in retried:

@@ -30,6 +30,8 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "finetuned": attrs.get("finetuned"),
             "reward": attrs.get("reward"),
             "uniform": attrs.get("uniform"),
+            "duplicate_of": attrs.get("duplicate_of"),
+            "retry_of": attrs.get("retry_of"),
         }
         metrics = attrs.get("metrics", {})
         row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
@@ -109,6 +111,17 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
         lines.append(
             f"baseline: mAP50-95 {base['map50_95']:.4f}  mAP50 {base['map50']:.4f}  GFLOPs {base['gflops']:.3f}  "
             f"params {int(base['params']):,d}"
+        )
+    workers = store.workers(exp_id) if exp_id is not None else []
+    if len(workers) > 1:
+        by_state: dict[str, int] = {}
+        for w in workers:
+            by_state[w["state"]] = by_state.get(w["state"], 0) + 1
+        hosts = len({w["host"] for w in workers})
+        lines.append(
+            f"workers: {len(workers)} on {hosts} machine(s) ("
+            + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items()))
+            + ")"
         )
     base_latency = study.user_attrs.get("baseline_latency", {})
     for name in [t.name for t in config.targets]:

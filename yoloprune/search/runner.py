@@ -6,6 +6,9 @@ import contextlib
 import gc
 import hashlib
 import logging
+import os
+import socket
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,10 +33,12 @@ from yoloprune.pruning import prunable_stage_names
 from yoloprune.search.objectives import relative_metrics, reward, violations
 from yoloprune.search.optuna_engine import (
     EpochReporter,
+    fail_stale,
     finished_count,
     make_pruner,
     open_study,
     recover_interrupted,
+    set_constraints,
 )
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.spaces import Candidate
@@ -91,7 +96,8 @@ def run_search(
     for ratio in uniform:
         uniform_params(config, ratio)  # a bad ratio fails before any training
     exp = prepare(config)
-    study = open_study(config)
+    worker, index = exp.store.register_worker(exp.experiment_id)
+    study = open_study(config, worker=index)
     if uniform:
         LOGGER.info("queued uniform baseline ratios %s", enqueue_uniform(study, config, uniform))
     recovered = recover_interrupted(study)
@@ -111,31 +117,67 @@ def run_search(
             exp, evaluator, baseline, EpochReporter(study, make_pruner(config.engine, config.finetune.epochs)), progress
         )
         bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
-        callbacks = [_Stopper(budget, bar)]
-        with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]):
+        stopper = _Stopper(budget, bar, exp.store, worker)
+        state = "interrupted"
+        reaper = _Reaper(study, config.engine.heartbeat_s)
+        with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]), reaper:
             try:
                 study.optimize(
                     objective,
                     n_trials=None,
                     timeout=config.budget.timeout_s,
                     catch=(Exception,),
-                    callbacks=callbacks,
+                    callbacks=[stopper],
                     gc_after_trial=True,
                 )
+                state = "done"
             finally:
                 bar.close()
+                exp.store.update_worker(worker, trials=stopper.trials, state=state)
     return study
 
 
-class _Stopper:
-    """Stops the study at the finished-trial budget, or after too many failures in a row."""
+class _Reaper(threading.Thread):
+    """While this worker runs, fail (and queue again) other workers' trials whose heartbeats stopped."""
 
-    def __init__(self, budget: int | None, bar: tqdm) -> None:
+    def __init__(self, study: optuna.Study, every_s: float) -> None:
+        super().__init__(name="yoloprune-reaper", daemon=True)
+        self.study, self.every_s, self.halt = study, every_s, threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every_s):
+            try:
+                stale = fail_stale(self.study)
+            except Exception as e:  # the next round tries again; the search itself must not die of this
+                LOGGER.debug("stale-trial check failed: %s", e)
+                continue
+            if stale:
+                LOGGER.warning("trial(s) %s: their worker stopped; failed and queued again", stale)
+
+    def __enter__(self) -> _Reaper:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.halt.set()
+        self.join(timeout=5)
+
+
+class _Stopper:
+    """After each trial: fail other workers' dead trials, record this worker's progress, and stop at the
+    budget (counting trials other workers are running) or after too many failures in a row."""
+
+    def __init__(self, budget: int | None, bar: tqdm, store: Store, worker: int) -> None:
         self.budget = budget
         self.bar = bar
+        self.store = store
+        self.worker = worker
         self.failures = 0
+        self.trials = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.trials += 1
+        self.store.update_worker(self.worker, trials=self.trials)
         if trial.state == TrialState.FAIL:
             self.failures += 1
             LOGGER.warning("trial %d failed: %s", trial.number, trial.user_attrs.get("error", "see the log above"))
@@ -152,8 +194,10 @@ class _Stopper:
             f"#{trial.number} {trial.state.name.lower()} mAP50-95 {m.get('map50_95', float('nan')):.3f} "
             f"FLOPs -{100 * m.get('flops_reduction', float('nan')):.0f}%"
         )
-        if self.budget is not None and finished_count(study) >= self.budget:
-            study.stop()
+        if self.budget is not None:
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if finished_count(study) + running >= self.budget:  # the trials in flight will reach it
+                study.stop()
 
 
 class _Objective:
@@ -184,6 +228,11 @@ class _Objective:
             "candidate",
             {"ratios": candidate.ratios, "importance": candidate.importance, "round_to": candidate.round_to},
         )
+        trial.set_user_attr("candidate_key", candidate.key())
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
+        twin = self._twin(trial, candidate.key())
+        if twin is not None:
+            return self._copy(trial, twin, start)
         epoch_bar = tqdm(
             total=self.cfg.finetune.epochs,
             desc=f"  trial {trial.number} fine-tune",
@@ -232,7 +281,7 @@ class _Objective:
         constraint_values = violations(metrics, self.cfg.constraints)
         trial.set_user_attr("metrics", metrics)
         trial.set_user_attr("per_class", result.per_class)
-        trial.set_user_attr("constraints", constraint_values)
+        set_constraints(trial, constraint_values)
         trial.set_user_attr("feasible", all(v <= 0 for v in constraint_values))
         trial.set_user_attr("finetuned", result.finetuned)
         if result.latency:
@@ -257,6 +306,43 @@ class _Objective:
         timings["other"] = timings["total"] - sum(result.timings.values())
         trial.set_user_attr("timings", timings)
         return [metrics[o.metric] for o in self.cfg.objectives]
+
+    def _twin(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
+        """A finished trial of the same candidate; waits while an earlier trial (any worker) evaluates it."""
+        study = trial.study
+        while True:
+            same = [
+                t
+                for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING))
+                if t.number != trial.number and t.user_attrs.get("candidate_key") == key
+            ]  # fmt: skip
+            done = [t for t in same if t.state != TrialState.RUNNING]
+            if done:
+                return done[0]
+            if not any(t.number < trial.number for t in same):
+                return None  # nobody else has it: evaluate it here
+            LOGGER.info(
+                "trial %d: waiting for trial %d, which evaluates the same candidate", trial.number, same[0].number
+            )
+            time.sleep(self.cfg.engine.heartbeat_s)
+            fail_stale(study)  # its worker may have died
+
+    def _copy(self, trial: optuna.Trial, twin: optuna.trial.FrozenTrial, start: float) -> list[float]:
+        """Record ``twin``'s results on ``trial`` instead of evaluating the same candidate twice."""
+        if twin.state == TrialState.PRUNED:
+            trial.set_user_attr("duplicate_of", twin.number)
+            raise optuna.TrialPruned(f"same candidate as trial {twin.number}, which was pruned")
+        for key in ("metrics", "per_class", "feasible", "finetuned", "latency", "reward", "epochs"):
+            if key in twin.user_attrs:
+                trial.set_user_attr(key, twin.user_attrs[key])
+        set_constraints(trial, list(twin.user_attrs.get("constraints", [])))
+        if self.epoch_hook is not None:  # NNI shows the reused curve too
+            for epoch, metrics in enumerate(twin.user_attrs.get("epochs", [])):
+                self.epoch_hook(epoch, metrics)
+        trial.set_user_attr("duplicate_of", twin.number)
+        trial.set_user_attr("timings", {"total": time.perf_counter() - start})
+        LOGGER.info("trial %d: same candidate as trial %d; its results are reused", trial.number, twin.number)
+        return list(twin.values)
 
     def _skip(self, cost_metrics: dict[str, float]) -> bool:
         if not self.cfg.finetune.skip_infeasible or not self.cost_constraints:
@@ -317,10 +403,14 @@ def experiment_baseline(exp: Experiment, evaluator: ProxyEvaluator) -> dict[str,
     stored = exp.store.baseline(exp.experiment_id, exp.baseline_key)
     if stored is not None:
         return stored
-    LOGGER.info("evaluating the baseline (once per experiment)")
-    metrics = evaluator.baseline()
-    exp.store.save_baseline(exp.experiment_id, exp.baseline_key, metrics)
-    return metrics
+    with exp.store.lock(f"baseline:{exp.experiment_id}:{exp.baseline_key}"):  # one worker evaluates it
+        stored = exp.store.baseline(exp.experiment_id, exp.baseline_key)
+        if stored is not None:
+            return stored
+        LOGGER.info("evaluating the baseline (once per experiment)")
+        metrics = evaluator.baseline()
+        exp.store.save_baseline(exp.experiment_id, exp.baseline_key, metrics)
+        return metrics
 
 
 def _resolve(value: str, device: str) -> Path:

@@ -1,28 +1,93 @@
 """The project's own tables, beside Optuna's, in the same database (SQLite by default, PostgreSQL too).
 
 Optuna's RDB storage holds studies, trials, parameters, values and per-trial metrics (user attributes).
-These tables hold what Optuna does not: experiments, baselines, artifacts with paths and hashes, and
-latency measurements (a cache keyed by architecture, backend and spec).
+These tables hold what Optuna does not: experiments, baselines, artifacts with paths and hashes,
+latency measurements (a cache keyed by architecture, backend and spec), and the workers of a search.
+
+The schema is versioned (``yp_meta``): a new database is created at the current version; an older one
+is refused with the command that upgrades it in place (``yoloprune db upgrade``), never silently changed.
+Transient connection errors (a database restart, a dropped connection) are retried with backoff.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Iterator
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from sqlalchemy import JSON, DateTime, ForeignKey, Integer, String, UniqueConstraint, create_engine, select
-from sqlalchemy.engine import Engine, make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    UniqueConstraint,
+    create_engine,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from yoloprune.errors import BackendUnavailableError, StorageError
+from yoloprune.log import get_logger
 
-SCHEMA_VERSION = 1
+LOGGER = get_logger(__name__)
+
+#: Version of yoloprune's tables. 1: experiments, baselines, artifacts, latency. 2: + yp_meta, yp_workers.
+SCHEMA_VERSION = 2
+
+#: Waits between attempts when the database is briefly unreachable (about 30 s in all).
+RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+#: Words of the driver errors a retry may cure: a lost, refused or restarting server, a busy SQLite file.
+TRANSIENT_MARKS = (
+    "connection", "could not connect", "server closed", "terminating", "starting up", "shutting down",
+    "database is locked", "timeout", "timed out", "refused",
+)  # fmt: skip
+
+
+def is_transient(error: BaseException | None) -> bool:
+    """A lost or refused connection, which a retry may cure (not a missing table or a constraint)."""
+    while error is not None:
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return True
+        if isinstance(error, OperationalError) and any(m in str(error).lower() for m in TRANSIENT_MARKS):
+            return True
+        error = error.__cause__
+    return False
+
+
+def retry_transient(fn: Callable[P, R]) -> Callable[P, R]:
+    """Retry ``fn`` with backoff while it fails with a transient database error."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        for delay in RETRY_DELAYS_S:
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                LOGGER.warning("storage unreachable (%s); retrying in %.1f s", str(e).splitlines()[0][:200], delay)
+                time.sleep(delay)
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _now() -> datetime:
@@ -54,6 +119,28 @@ class BaselineRow(Base):
     key: Mapped[str] = mapped_column(String(128))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class MetaRow(Base):
+    """Key-value facts about the database itself; ``schema_version`` above all."""
+
+    __tablename__ = "yp_meta"
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
+class WorkerRow(Base):
+    """A process that runs trials of an experiment (``yoloprune search`` or ``yoloprune worker``)."""
+
+    __tablename__ = "yp_workers"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("yp_experiments.id"))
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(32), default="running")
+    trials: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    last_seen: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
 
 
 class ArtifactRow(Base):
@@ -112,25 +199,126 @@ def engine_for(url: str) -> Engine:
             f"no database driver for '{parsed.drivername}' ({e}). For PostgreSQL: pip install -e '.[postgres]'."
         ) from e
     except SQLAlchemyError as e:
-        raise StorageError(
-            f"cannot reach storage '{parsed.render_as_string(hide_password=True)}': {e.__class__.__name__}: "
-            f"{str(e).splitlines()[0]}. Check the host, port, user and password, or leave storage unset to use "
-            "a SQLite file in the experiment's output folder."
-        ) from e
+        shown = parsed.render_as_string(hide_password=True)
+        detail = str(e).splitlines()[0]
+        if "password authentication failed" in detail or "no password supplied" in detail:
+            fix = (
+                f"The user or password is wrong: give them in the URL (postgresql://USER:PASSWORD@{parsed.host}:"
+                f"{parsed.port or 5432}/{parsed.database}) or in ~/.pgpass, and check with "
+                f"`psql -h {parsed.host} -p {parsed.port or 5432} -U {parsed.username} {parsed.database}`."
+            )
+        elif parsed.drivername.startswith("postgresql"):
+            fix = (
+                f"Is the server running and reachable? Check with `pg_isready -h {parsed.host} -p "
+                f"{parsed.port or 5432}`; or leave storage unset to use a SQLite file in the output folder."
+            )
+        else:
+            fix = "Check the path and its permissions, or leave storage unset to use the default SQLite file."
+        raise StorageError(f"cannot reach storage '{shown}': {e.__class__.__name__}: {detail}. {fix}") from e
     return engine
 
 
-class Store:
-    """Access to yoloprune's tables. One instance per process and storage URL."""
+def schema_version(engine: Engine) -> int | None:
+    """The version of yoloprune's tables in the database; None when it has none yet."""
+    tables = set(inspect(engine).get_table_names())
+    if "yp_meta" in tables:
+        with engine.connect() as conn:
+            value = conn.execute(text("SELECT value FROM yp_meta WHERE key = 'schema_version'")).scalar()
+        return int(value) if value is not None else 1
+    return 1 if "yp_experiments" in tables else None
 
-    def __init__(self, url: str) -> None:
+
+def _set_version(conn: Connection, version: int) -> None:
+    conn.execute(text("DELETE FROM yp_meta WHERE key = 'schema_version'"))
+    conn.execute(text("INSERT INTO yp_meta (key, value) VALUES ('schema_version', :v)"), {"v": str(version)})
+
+
+def _to_v2(conn: Connection) -> None:
+    Base.metadata.create_all(conn, tables=[MetaRow.__table__, WorkerRow.__table__])  # type: ignore[list-item]
+
+
+#: Upgrade steps: the version each one reaches -> what it does.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2}
+
+
+def _hidden(url: str) -> str:
+    try:
+        return make_url(normalize_url(url)).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+class Store:
+    """Access to yoloprune's tables. One instance per process and storage URL.
+
+    A database without yoloprune's tables gets them at the current schema version; an older version is
+    refused with the command that upgrades it (``upgrade=True`` upgrades it, as ``yoloprune db upgrade``).
+    """
+
+    def __init__(self, url: str, *, upgrade: bool = False) -> None:
         self.url = url
         self.engine = engine_for(url)
         try:
-            Base.metadata.create_all(self.engine)
+            self._check_schema(upgrade)
         except SQLAlchemyError as e:
-            raise StorageError(f"cannot create yoloprune's tables in '{url}': {e}") from e
+            raise StorageError(f"cannot create or check yoloprune's tables in '{_hidden(url)}': {e}") from e
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def _check_schema(self, upgrade: bool) -> None:
+        found = schema_version(self.engine)
+        if found is None:
+            try:
+                with self.engine.begin() as conn:
+                    Base.metadata.create_all(conn)
+                    _set_version(conn, SCHEMA_VERSION)
+            except SQLAlchemyError:
+                if schema_version(self.engine) != SCHEMA_VERSION:  # not another worker creating it meanwhile
+                    raise
+            return
+        if found > SCHEMA_VERSION:
+            raise StorageError(
+                f"'{_hidden(self.url)}' holds yoloprune tables of schema version {found}, newer than this "
+                f"yoloprune's ({SCHEMA_VERSION}). Upgrade yoloprune (pip install -U yoloprune) on this machine."
+            )
+        if found < SCHEMA_VERSION and not upgrade:
+            raise StorageError(
+                f"'{_hidden(self.url)}' holds yoloprune tables of schema version {found}; this yoloprune needs "
+                f"version {SCHEMA_VERSION}. Upgrade the database in place (every record is kept): "
+                f"yoloprune db upgrade --storage '{_hidden(self.url)}' (give the password there if it has one)."
+            )
+        with self.engine.begin() as conn:
+            for version in range(found + 1, SCHEMA_VERSION + 1):
+                MIGRATIONS[version](conn)
+                LOGGER.info("upgraded yoloprune's tables in %s to schema version %d", _hidden(self.url), version)
+            if found < SCHEMA_VERSION:
+                _set_version(conn, SCHEMA_VERSION)
+
+    @contextmanager
+    def lock(self, name: str) -> Iterator[None]:
+        """Hold a lock named ``name`` across processes and machines sharing this database.
+
+        PostgreSQL: a session-level advisory lock. SQLite (one machine): a lock file beside the database.
+        """
+        digest = hashlib.sha256(name.encode()).digest()
+        if self.engine.dialect.name == "postgresql":
+            key = int.from_bytes(digest[:8], "big", signed=True)
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+                conn.commit()
+                try:
+                    yield
+                finally:
+                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                    conn.commit()
+            return
+        database = self.engine.url.database
+        if self.engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
+            from filelock import FileLock
+
+            with FileLock(f"{database}.{digest[:6].hex()}.lock"):
+                yield
+            return
+        yield
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -148,6 +336,7 @@ class Store:
         finally:
             session.close()
 
+    @retry_transient
     def experiment_id(self, name: str, config: dict[str, Any]) -> int:
         """Id of experiment ``name``, created if new; its stored config is updated to ``config``."""
         with self.session() as s:
@@ -160,11 +349,13 @@ class Store:
             s.flush()
             return row.id
 
+    @retry_transient
     def find_experiment(self, name: str) -> int | None:
         with self.session() as s:
             row = s.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
             return None if row is None else row.id
 
+    @retry_transient
     def baseline(self, experiment_id: int, key: str) -> dict[str, Any] | None:
         with self.session() as s:
             row = s.scalar(
@@ -172,6 +363,7 @@ class Store:
             )
             return None if row is None else dict(row.metrics)
 
+    @retry_transient
     def latest_baseline(self, experiment_id: int) -> dict[str, Any] | None:
         with self.session() as s:
             row = s.scalar(
@@ -179,10 +371,12 @@ class Store:
             )
             return None if row is None else dict(row.metrics)
 
+    @retry_transient
     def save_baseline(self, experiment_id: int, key: str, metrics: dict[str, Any]) -> None:
         with self.session() as s:
             s.add(BaselineRow(experiment_id=experiment_id, key=key, metrics=json.loads(json.dumps(metrics))))
 
+    @retry_transient
     def add_artifact(self, experiment_id: int, kind: str, path: Path, trial_number: int | None = None) -> None:
         """Record a file with its SHA-256 and size."""
         path = Path(path)
@@ -198,6 +392,7 @@ class Store:
                 )
             )
 
+    @retry_transient
     def artifacts(self, experiment_id: int) -> list[dict[str, Any]]:
         with self.session() as s:
             rows = s.scalars(select(ArtifactRow).where(ArtifactRow.experiment_id == experiment_id)).all()
@@ -206,16 +401,52 @@ class Store:
                 for r in rows
             ]
 
+    @retry_transient
     def latency(self, key: str) -> dict[str, Any] | None:
         """A cached latency measurement, or None."""
         with self.session() as s:
             row = s.scalar(select(LatencyRow).where(LatencyRow.key == key))
             return None if row is None else dict(row.result)
 
+    @retry_transient
     def save_latency(self, key: str, result: dict[str, Any]) -> None:
         with self.session() as s:
             if s.scalar(select(LatencyRow).where(LatencyRow.key == key)) is None:
                 s.add(LatencyRow(key=key, result=json.loads(json.dumps(result))))
+
+    @retry_transient
+    def register_worker(self, experiment_id: int) -> tuple[int, int]:
+        """Record this process as a worker of the experiment; returns its id and its index (0 for the first)."""
+        with self.session() as s:
+            row = WorkerRow(experiment_id=experiment_id, host=socket.gethostname(), pid=os.getpid())
+            s.add(row)
+            s.flush()
+            earlier = s.scalars(
+                select(WorkerRow.id).where(WorkerRow.experiment_id == experiment_id, WorkerRow.id < row.id)
+            ).all()
+            return row.id, len(earlier)
+
+    @retry_transient
+    def update_worker(self, worker_id: int, *, trials: int | None = None, state: str | None = None) -> None:
+        with self.session() as s:
+            row = s.get(WorkerRow, worker_id)
+            if row is None:
+                return
+            row.last_seen = _now()
+            if trials is not None:
+                row.trials = trials
+            if state is not None:
+                row.state = state
+
+    @retry_transient
+    def workers(self, experiment_id: int) -> list[dict[str, Any]]:
+        with self.session() as s:
+            rows = s.scalars(select(WorkerRow).where(WorkerRow.experiment_id == experiment_id).order_by(WorkerRow.id))
+            return [
+                {"id": r.id, "host": r.host, "pid": r.pid, "state": r.state, "trials": r.trials,
+                 "started_at": r.started_at, "last_seen": r.last_seen}
+                for r in rows
+            ]  # fmt: skip
 
 
 def file_sha256(path: Path) -> str:
