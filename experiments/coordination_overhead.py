@@ -3,8 +3,9 @@ run trials whose evaluation is trivial, so everything measured is storage and co
 
 Each trial does what a real trial does to the database, with the same code: heartbeats (Optuna's RDB
 heartbeat thread), the parameters sampled through the experiment's search space, the duplicate-candidate
-check over the study, every user attribute a real trial writes (metrics, per-class AP, constraints,
-timings...), the stale-trial check, the worker's progress row and the budget count.
+check over the study, every attribute a real trial writes (metrics, per-class AP, constraints, timings...,
+through the same batched writes), the stale-trial check, the worker's progress row and the budget count.
+Not included: the per-epoch curve (two round trips per fine-tune epoch).
 
     python experiments/coordination_overhead.py                     # throwaway PostgreSQL on 127.0.0.1
     python experiments/coordination_overhead.py --storage postgresql://u:p@host/db --workers 1 2 4 8
@@ -31,7 +32,7 @@ import optuna
 from optuna.trial import TrialState
 
 from yoloprune.config import config_from_dict
-from yoloprune.search.optuna_engine import fail_stale, finished_count, open_study
+from yoloprune.search.optuna_engine import fail_stale, finished_count, open_study, set_constraints, set_user_attrs
 from yoloprune.storage import Store
 
 STAGES = ["backbone.p2", "backbone.p3", "backbone.p4", "backbone.p5", "neck"]
@@ -47,57 +48,66 @@ def _config(name: str, url: str, trials: int) -> Any:
     })  # fmt: skip
 
 
-def _worker(name: str, url: str, trials: int, times: Any) -> None:
+def _worker(name: str, url: str, trials: int, times: Any, bare: bool = False, n_workers: int = 1) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     config = _config(name, url, trials)
     store = Store(url)
     exp = store.experiment_id(name, {})
-    worker, index = store.register_worker(exp)
-    study = open_study(config, worker=index)
+    worker = store.register_worker(exp)
+    study = open_study(config, worker=worker)
     done = 0
     stamps = [time.perf_counter()]
 
     def objective(trial: optuna.Trial) -> list[float]:
         candidate = config.space.suggest(trial)
-        trial.set_user_attr("candidate", {"ratios": candidate.ratios, "importance": "l1", "round_to": 1})
-        trial.set_user_attr("candidate_key", candidate.key())
-        trial.set_user_attr("worker", {"host": "bench", "pid": index})
-        twins = [
-            t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            if t.user_attrs.get("candidate_key") == candidate.key() and t.number != trial.number
-        ]  # fmt: skip
-        assert not twins  # continuous ratios: never the same
+        set_user_attrs(
+            trial,
+            {
+                "candidate": {"ratios": candidate.ratios, "importance": "l1", "round_to": 1},
+                "candidate_key": candidate.key(),
+                "worker": {"host": "bench", "pid": worker},
+            },
+        )
+        if not bare:
+            twins = [
+                t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                if t.user_attrs.get("candidate_key") == candidate.key() and t.number != trial.number
+            ]  # fmt: skip
+            assert not twins  # continuous ratios: never the same
         metrics = {f"m{i}": 0.1 * i for i in range(15)} | {"map50_95": 0.3, "gflops": 5.0}
-        for key, value in (
-            ("metrics", metrics), ("per_class", {c: 0.3 for c in CLASSES}), ("constraints", [-0.1, -0.2]),
-            ("feasible", True), ("finetuned", True), ("reward", 0.5),
-            ("epochs", [{"map50": 0.4, "map50_95": 0.3}] * 3), ("timings", {"total": 0.0}),
-        ):  # fmt: skip
-            trial.set_user_attr(key, value)
+        set_constraints(trial, [-0.1, -0.2])
+        set_user_attrs(trial, {
+            "metrics": metrics, "per_class": {c: 0.3 for c in CLASSES}, "feasible": True, "finetuned": True,
+            "reward": 0.5, "epochs": [{"map50": 0.4, "map50_95": 0.3}] * 3, "timings": {"total": 0.0},
+        })  # fmt: skip
         return [0.3, 5.0]
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         nonlocal done
         done += 1
-        store.update_worker(worker, trials=done)
-        fail_stale(study)
-        running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        if finished_count(study) + running >= trials:
-            study.stop()
+        if bare:  # Optuna alone: only the budget check
+            if done * n_workers >= trials:
+                study.stop()
+        else:
+            store.update_worker(worker, trials=done)
+            fail_stale(study)
+            running = len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+            if finished_count(study) + running >= trials:
+                study.stop()
         stamps.append(time.perf_counter())  # one full trial cycle: ask, objective, tell, this callback
 
     study.optimize(objective, callbacks=[after])
     store.update_worker(worker, trials=done, state="done")
-    times.extend(b - a for a, b in itertools.pairwise(stamps))
+    times.extend([b - a for a, b in itertools.pairwise(stamps)])
 
 
-def run(url: str, workers: int, trials: int) -> dict[str, float]:
+def run(url: str, workers: int, trials: int, bare: bool = False) -> dict[str, float]:
     name = f"bench-{workers}w-{int(time.time() * 1000) % 10**8}"
     open_study(_config(name, url, trials))  # created once, before the workers start
     Store(url).experiment_id(name, {})
     with mp.Manager() as manager:
         times = manager.list()
-        procs = [mp.Process(target=_worker, args=(name, url, trials, times)) for _ in range(workers)]
+        procs = [mp.Process(target=_worker, args=(name, url, trials, times, bare, workers)) for _ in range(workers)]
         start = time.perf_counter()
         for p in procs:
             p.start()
@@ -120,6 +130,7 @@ def main() -> None:
     p.add_argument("--storage", help="PostgreSQL URL (default: a throwaway cluster on 127.0.0.1)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--trials", type=int, default=200, help="trials per run (default 200)")
+    p.add_argument("--bare", action="store_true", help="also run Optuna alone (no yoloprune coordination) for scale")
     args = p.parse_args()
     cluster = None
     url = args.storage
@@ -130,6 +141,8 @@ def main() -> None:
         url = cluster.create_database("bench")
     try:
         rows = [run(url, n, args.trials) for n in args.workers]
+        if args.bare:
+            rows += [{**run(url, n, args.trials, bare=True), "workers": f"{n} (Optuna alone)"} for n in args.workers]
     finally:
         if cluster is not None:
             cluster.stop()

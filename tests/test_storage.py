@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import socket
 
 import pytest
 
@@ -74,8 +76,12 @@ def test_an_older_schema_is_refused_with_the_command_and_upgraded_in_place(url):
     store = Store(url)
     exp = store.find_experiment("old")
     assert exp is not None  # nothing lost
-    worker, index = store.register_worker(exp)
-    assert index == 0 and store.workers(exp)[0]["id"] == worker
+    worker = store.register_worker(exp)
+    store.update_worker(worker, trials=3, state="done")
+    assert store.workers(exp)[0] | {"started_at": None, "last_seen": None} == {
+        "id": worker, "host": socket.gethostname(), "pid": os.getpid(), "state": "done", "trials": 3,
+        "started_at": None, "last_seen": None,
+    }  # fmt: skip
 
 
 def test_a_newer_schema_is_refused(url):

@@ -39,6 +39,7 @@ from yoloprune.search.optuna_engine import (
     open_study,
     recover_interrupted,
     set_constraints,
+    set_user_attrs,
 )
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.spaces import Candidate
@@ -96,8 +97,8 @@ def run_search(
     for ratio in uniform:
         uniform_params(config, ratio)  # a bad ratio fails before any training
     exp = prepare(config)
-    worker, index = exp.store.register_worker(exp.experiment_id)
-    study = open_study(config, worker=index)
+    worker = exp.store.register_worker(exp.experiment_id)
+    study = open_study(config, worker=worker)  # its own sampler seed: workers started together differ
     if uniform:
         LOGGER.info("queued uniform baseline ratios %s", enqueue_uniform(study, config, uniform))
     recovered = recover_interrupted(study)
@@ -224,12 +225,18 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> list[float]:
         start = time.perf_counter()
         candidate = self.cfg.space.suggest(trial)
-        trial.set_user_attr(
-            "candidate",
-            {"ratios": candidate.ratios, "importance": candidate.importance, "round_to": candidate.round_to},
+        set_user_attrs(
+            trial,
+            {
+                "candidate": {
+                    "ratios": candidate.ratios,
+                    "importance": candidate.importance,
+                    "round_to": candidate.round_to,
+                },
+                "candidate_key": candidate.key(),
+                "worker": {"host": socket.gethostname(), "pid": os.getpid()},
+            },
         )
-        trial.set_user_attr("candidate_key", candidate.key())
-        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})
         twin = self._twin(trial, candidate.key())
         if twin is not None:
             return self._copy(trial, twin, start)
@@ -279,14 +286,16 @@ class _Objective:
         )
         metrics = relative_metrics(result.raw, self.baseline)
         constraint_values = violations(metrics, self.cfg.constraints)
-        trial.set_user_attr("metrics", metrics)
-        trial.set_user_attr("per_class", result.per_class)
         set_constraints(trial, constraint_values)
-        trial.set_user_attr("feasible", all(v <= 0 for v in constraint_values))
-        trial.set_user_attr("finetuned", result.finetuned)
+        record = {
+            "metrics": metrics,
+            "per_class": result.per_class,
+            "feasible": all(v <= 0 for v in constraint_values),
+            "finetuned": result.finetuned,
+            "reward": reward(metrics, self.baseline, self.cfg.constraints, self.cfg.reward),
+        }
         if result.latency:
-            trial.set_user_attr("latency", result.latency)
-        trial.set_user_attr("reward", reward(metrics, self.baseline, self.cfg.constraints, self.cfg.reward))
+            record["latency"] = result.latency
         path = save_checkpoint(
             result.model,
             self.cfg.output_dir / "trials" / f"trial_{trial.number:04d}.pt",
@@ -304,7 +313,7 @@ class _Objective:
         timings = dict(result.timings)
         timings["total"] = time.perf_counter() - start
         timings["other"] = timings["total"] - sum(result.timings.values())
-        trial.set_user_attr("timings", timings)
+        set_user_attrs(trial, {**record, "timings": timings})
         return [metrics[o.metric] for o in self.cfg.objectives]
 
     def _twin(self, trial: optuna.Trial, key: str) -> optuna.trial.FrozenTrial | None:
@@ -332,15 +341,19 @@ class _Objective:
         if twin.state == TrialState.PRUNED:
             trial.set_user_attr("duplicate_of", twin.number)
             raise optuna.TrialPruned(f"same candidate as trial {twin.number}, which was pruned")
-        for key in ("metrics", "per_class", "feasible", "finetuned", "latency", "reward", "epochs"):
-            if key in twin.user_attrs:
-                trial.set_user_attr(key, twin.user_attrs[key])
+        keys = ("metrics", "per_class", "feasible", "finetuned", "latency", "reward", "epochs")
         set_constraints(trial, list(twin.user_attrs.get("constraints", [])))
+        set_user_attrs(
+            trial,
+            {
+                **{k: twin.user_attrs[k] for k in keys if k in twin.user_attrs},
+                "duplicate_of": twin.number,
+                "timings": {"total": time.perf_counter() - start},
+            },
+        )
         if self.epoch_hook is not None:  # NNI shows the reused curve too
             for epoch, metrics in enumerate(twin.user_attrs.get("epochs", [])):
                 self.epoch_hook(epoch, metrics)
-        trial.set_user_attr("duplicate_of", twin.number)
-        trial.set_user_attr("timings", {"total": time.perf_counter() - start})
         LOGGER.info("trial %d: same candidate as trial %d; its results are reused", trial.number, twin.number)
         return list(twin.values)
 

@@ -415,16 +415,13 @@ class Store:
                 s.add(LatencyRow(key=key, result=json.loads(json.dumps(result))))
 
     @retry_transient
-    def register_worker(self, experiment_id: int) -> tuple[int, int]:
-        """Record this process as a worker of the experiment; returns its id and its index (0 for the first)."""
+    def register_worker(self, experiment_id: int) -> int:
+        """Record this process as a worker of the experiment; returns its id (unique in the database)."""
         with self.session() as s:
             row = WorkerRow(experiment_id=experiment_id, host=socket.gethostname(), pid=os.getpid())
             s.add(row)
             s.flush()
-            earlier = s.scalars(
-                select(WorkerRow.id).where(WorkerRow.experiment_id == experiment_id, WorkerRow.id < row.id)
-            ).all()
-            return row.id, len(earlier)
+            return row.id
 
     @retry_transient
     def update_worker(self, worker_id: int, *, trials: int | None = None, state: str | None = None) -> None:
