@@ -52,3 +52,34 @@ def test_running_trials_are_failed_and_requeued():
     assert trials[1].state == TrialState.WAITING
     assert trials[1].system_attrs["fixed_params"] == trials[0].params and trials[1].user_attrs["retry_of"] == 0
     assert recover_interrupted(study) == []
+
+
+@pytest.mark.parametrize("name", ["successive_halving", "hyperband"])
+def test_multi_fidelity_pruners_stop_bad_curves_in_a_multi_objective_study(name):
+    """Successive halving and Hyperband see the per-epoch mAP through the single-objective view."""
+    from yoloprune.config import EngineConfig
+    from yoloprune.search.optuna_engine import make_pruner
+
+    pruner = make_pruner(EngineConfig(pruner=name, startup_trials=0), epochs=9)
+    assert pruner is not None
+    study = _mo_study()
+    reporter = EpochReporter(study, pruner)
+
+    def run(quality: float) -> bool:
+        """One trial whose mAP climbs with ``quality``; True when the pruner stopped it."""
+        trial = study.ask()
+        report = reporter.callback(trial)
+        try:
+            for epoch in range(9):
+                report(epoch, {"map50_95": quality * (epoch + 1) / 9})
+        except optuna.TrialPruned:
+            study.tell(trial, state=TrialState.PRUNED)
+            return True
+        study.tell(trial, [quality, 1.0])
+        return False
+
+    assert not any(run(q) for q in (0.6, 0.7, 0.8, 0.9, 0.92, 0.95))  # each better than the last: kept
+    stopped = [run(0.05) for _ in range(6)]
+    assert sum(stopped) >= 3, stopped  # most bad ones stop early (some Hyperband brackets never stop any)
+    pruned = [t for t in study.get_trials() if t.state == TrialState.PRUNED]
+    assert any(len(t.user_attrs["epochs"]) < 9 for t in pruned)  # stopped before the last epoch

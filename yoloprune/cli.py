@@ -90,7 +90,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' own output")
     s.add_argument("--uniform", type=float, nargs="+", default=(), metavar="R",
                    help="first evaluate the uniform baseline: the same ratio R on every searched stage")  # fmt: skip
+    s.add_argument("--warm-start", type=int, default=0, metavar="N",
+                   help="first evaluate N candidates guided by the per-stage sensitivity scan (run once if missing)")  # fmt: skip
     s.set_defaults(func=_cmd_search)
+
+    s = sub.add_parser("sensitivity", help="prune one stage at a time: the mAP each stage costs, what it saves")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("--ratio", type=float, default=None, help="ratio for every stage (default: its range's top)")
+    s.add_argument("--epochs", type=int, default=0, help="fine-tune epochs per stage (default 0: BN only)")
+    s.add_argument("--storage", help="override the storage URL")
+    s.set_defaults(func=_cmd_sensitivity)
 
     s = sub.add_parser(
         "worker", help="join a search (shared storage, e.g. PostgreSQL): run its trials until the budget"
@@ -101,6 +110,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--progress", action="store_true", help="show progress bars")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' own output")
     s.set_defaults(func=_cmd_worker)
+
+    s = sub.add_parser("fidelity", help="re-train top and random trials longer: Kendall tau of the proxy's ranking")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("--top", type=int, default=3, help="best trials by reward to re-train (default 3)")
+    s.add_argument("--random", type=int, default=3, help="other trials, drawn at random (default 3)")
+    s.add_argument("--epochs", type=int, default=20, help="long fine-tune epochs (default 20)")
+    s.add_argument("--storage", help="override the storage URL")
+    s.set_defaults(func=_cmd_fidelity)
 
     s = sub.add_parser("db", help="database maintenance: `db upgrade` brings an older schema to this version")
     s.add_argument("action", choices=["upgrade", "check"])
@@ -288,12 +305,42 @@ def _cmd_search(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, _overrides(args))
     try:
-        run_search(config, progress=not args.no_progress, verbose=args.verbose, uniform=args.uniform)
+        run_search(
+            config,
+            progress=not args.no_progress,
+            verbose=args.verbose,
+            uniform=args.uniform,
+            warm_start=args.warm_start,
+        )
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept; run the same command again to resume.", file=sys.stderr)
         _print_results(config)
         return 130
     _print_results(config)
+    return 0
+
+
+def _cmd_fidelity(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from yoloprune.config import load_config
+    from yoloprune.search.fidelity import describe, measure
+
+    result = measure(load_config(args.config, _overrides(args)), top=args.top, sample=args.random, epochs=args.epochs)
+    for number, r in result.trials.items():
+        print(f"trial {number:4d}  proxy mAP50-95 {r['proxy']:.4f}  after {result.epochs} epochs {r['long']:.4f}")
+    print(describe(asdict(result)))
+    return 0
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search.sensitivity import scan, table
+
+    rows = scan(load_config(args.config, _overrides(args)), ratio=args.ratio, epochs=args.epochs)
+    print(f"each stage pruned alone ({args.epochs} fine-tune epochs), most sensitive first:")
+    print(format_table(table(rows)))
+    print("stored on the study: `yoloprune search CONFIG --warm-start N` starts from it")
     return 0
 
 

@@ -58,7 +58,8 @@ class EngineConfig(_Section):
         name: ``optuna`` (embedded; NNI comes as a second engine).
         sampler: ``tpe``, ``nsga2``, ``random`` or ``grid``.
         seed: sampler seed (None: random).
-        pruner: stop hopeless trials on their per-epoch mAP: ``none``, ``median`` or ``successive_halving``.
+        pruner: stop hopeless trials on their per-epoch mAP: ``none``, ``median``, ``successive_halving``
+            or ``hyperband``.
         startup_trials: trials sampled at random before TPE models the space, and before the pruner acts.
         nni_tuner: the tuner ``yoloprune nni`` gives NNI: its ``tpe``, ``evolution`` or ``random`` (they
             maximise the scalar reward), or ``optuna``: this engine's sampler (``sampler``) on the
@@ -72,7 +73,7 @@ class EngineConfig(_Section):
     name: Literal["optuna"] = "optuna"
     sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
     seed: int | None = 0
-    pruner: Literal["none", "median", "successive_halving"] = "none"
+    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
     startup_trials: int = Field(4, ge=0)
     nni_tuner: Literal["tpe", "evolution", "random", "optuna"] = "tpe"
     trial_concurrency: int = Field(1, ge=1)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import optuna
 from optuna.storages import RDBStorage
@@ -70,6 +71,8 @@ def make_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner 
         return None
     if engine.pruner == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=engine.startup_trials, n_warmup_steps=0)
+    if engine.pruner == "hyperband":
+        return _Hyperband(max_resource=epochs, reduction_factor=3)
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
 
 
@@ -121,15 +124,25 @@ def rdb_storage(url: str, engine: EngineConfig | None = None) -> RDBStorage:
             "grace_period": engine.grace_s,
             "heartbeat_stale_trial_callback": _RetryStale(engine.max_retries),
         }
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return _RetryingRDBStorage(normalize_url(url), engine_kwargs={"pool_pre_ping": True}, **heartbeat)
-    except Exception as e:  # Optuna wraps driver errors in several types
-        message = str(e)
-        if "optuna storage upgrade" in message or "no longer compatible" in message:
-            message += f" Fix: yoloprune db upgrade --storage '{url}'"
-        raise StorageError(f"cannot open Optuna storage '{url}': {message}") from e
+    for attempt in range(6):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return _RetryingRDBStorage(normalize_url(url), engine_kwargs={"pool_pre_ping": True}, **heartbeat)
+        except Exception as e:
+            racing = "alembic_version" in str(e) or "already exists" in str(e)
+            if not racing or attempt == 5:
+                _storage_error(url, e)
+            time.sleep(0.2 * (attempt + 1))  # another process is creating Optuna's tables right now
+    raise AssertionError("unreachable")
+
+
+def _storage_error(url: str, e: Exception) -> NoReturn:
+    """Optuna wraps driver errors in several types: one StorageError, with the fix where there is one."""
+    message = str(e)
+    if "optuna storage upgrade" in message or "no longer compatible" in message:
+        message += f" Fix: yoloprune db upgrade --storage '{url}'"
+    raise StorageError(f"cannot open Optuna storage '{url}': {message}") from e
 
 
 def upgrade_optuna_schema(url: str) -> None:
@@ -290,6 +303,45 @@ def _with_curve(trial: FrozenTrial) -> FrozenTrial:
     out = copy.deepcopy(trial)
     out.intermediate_values = {i + 1: float(e["map50_95"]) for i, e in enumerate(trial.user_attrs.get("epochs", []))}
     return out
+
+
+class _Hyperband(optuna.pruners.BasePruner):
+    """Hyperband as brackets of successive halving, each with its own early-stopping rate.
+
+    Optuna's HyperbandPruner reads trials through its own study class, which bypasses the per-epoch
+    view below (and refuses multi-objective studies); this one filters the view by bracket instead. A
+    trial's bracket comes from its number, so every worker agrees on it.
+    """
+
+    def __init__(self, max_resource: int, reduction_factor: int = 3) -> None:
+        n = max(1, math.floor(math.log(max(max_resource, 1), reduction_factor)) + 1)
+        self.brackets = [
+            optuna.pruners.SuccessiveHalvingPruner(
+                min_resource=1, reduction_factor=reduction_factor, min_early_stopping_rate=i
+            )
+            for i in range(n)
+        ]
+
+    def bracket(self, trial_number: int) -> int:
+        return trial_number % len(self.brackets)
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        b = self.bracket(trial.number)
+        return self.brackets[b].prune(_BracketView(study, self, b), trial)  # type: ignore[arg-type]
+
+
+class _BracketView:
+    """The trials of one Hyperband bracket, through another view."""
+
+    def __init__(self, study: Any, pruner: _Hyperband, bracket: int) -> None:
+        self._study, self._pruner, self._bracket = study, pruner, bracket
+
+    def get_trials(self, deepcopy: bool = True, states: Any = None) -> list[FrozenTrial]:
+        trials = self._study.get_trials(deepcopy=deepcopy, states=states)
+        return [t for t in trials if self._pruner.bracket(t.number) == self._bracket]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
 
 
 class _MapView:

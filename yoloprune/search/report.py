@@ -86,7 +86,12 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
 
     path = Path(output) if output else out_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_page(config, trials, front, counts, base, figures))
+    from yoloprune.search.fidelity import describe
+    from yoloprune.search.fidelity import stored as stored_fidelity
+
+    fidelity = stored_fidelity(study)
+    note = describe(fidelity) if fidelity else "proxy fidelity not measured (yoloprune fidelity CONFIG)"
+    path.write_text(_page(config, trials, front, counts, base, figures, note))
     return Report(path, csv, list(figures), trial)
 
 
@@ -243,6 +248,7 @@ def _page(
     counts: dict[str, int],
     base: dict[str, Any],
     figures: dict[str, go.Figure],
+    fidelity: str,
 ) -> str:
     esc = html.escape
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
@@ -279,6 +285,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px
 <dt>Baseline</dt><dd>{esc(baseline)}</dd>
 <dt>Objectives</dt><dd>{esc(objectives)}</dd>
 <dt>Constraints (feasible)</dt><dd>{esc(constraints)}</dd>
+<dt>Proxy fidelity</dt><dd>{esc(fidelity)}</dd>
 </dl>
 {plots}
 <h2>Pareto front</h2><div class="scroll">{front_html}</div>

@@ -30,6 +30,7 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "finetuned": attrs.get("finetuned"),
             "reward": attrs.get("reward"),
             "uniform": attrs.get("uniform"),
+            "warm_start": attrs.get("warm_start"),
             "duplicate_of": attrs.get("duplicate_of"),
             "retry_of": attrs.get("retry_of"),
         }
@@ -134,6 +135,15 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
                 if base_ms
                 else f"latency on '{name}': trials {trials[col].min():.2f}-{trials[col].max():.2f} ms"
             )
+    from yoloprune.search.fidelity import describe
+    from yoloprune.search.fidelity import stored as stored_fidelity
+
+    fidelity = stored_fidelity(study)
+    lines.append(
+        describe(fidelity)
+        if fidelity
+        else "proxy fidelity: not measured (`yoloprune fidelity CONFIG` re-trains top and random trials)"
+    )
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
     front = pareto_front(trials, config)
     if show_all:

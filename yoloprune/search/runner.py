@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from yoloprune.config import BUILTIN_PREFIX, ExperimentConfig, ModelSource
+from yoloprune.config import BUILTIN_PREFIX, ExperimentConfig, FinetuneConfig, ModelSource
 from yoloprune.data.check import DatasetInfo, inspect_dataset
 from yoloprune.device import default_device
 from yoloprune.errors import LatencyTargetError
@@ -41,6 +41,7 @@ from yoloprune.search.optuna_engine import (
     set_constraints,
     set_user_attrs,
 )
+from yoloprune.search.sensitivity import enqueue_warm_start
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.spaces import Candidate
 from yoloprune.storage import Store, file_sha256
@@ -86,7 +87,12 @@ def prepare(config: ExperimentConfig) -> Experiment:
 
 
 def run_search(
-    config: ExperimentConfig, *, progress: bool = True, verbose: bool = False, uniform: Sequence[float] = ()
+    config: ExperimentConfig,
+    *,
+    progress: bool = True,
+    verbose: bool = False,
+    uniform: Sequence[float] = (),
+    warm_start: int = 0,
 ) -> optuna.Study:
     """Run (or resume) the experiment until its budget is spent; returns the study.
 
@@ -101,6 +107,11 @@ def run_search(
     study = open_study(config, worker=worker)  # its own sampler seed: workers started together differ
     if uniform:
         LOGGER.info("queued uniform baseline ratios %s", enqueue_uniform(study, config, uniform))
+    if warm_start:
+        with ultralytics_quiet(not verbose):
+            queued = enqueue_warm_start(study, config, warm_start)
+        if queued:
+            LOGGER.info("queued %d sensitivity-guided candidates first (warm start)", len(queued))
     recovered = recover_interrupted(study)
     if recovered:
         LOGGER.info("re-queued trial(s) %s interrupted in a previous run", recovered)
@@ -373,7 +384,9 @@ class Session:
     baseline: dict[str, Any]
 
 
-def start_session(exp: Experiment, study: optuna.Study, *, measure_latency: bool = True) -> Session:
+def start_session(
+    exp: Experiment, study: optuna.Study, *, measure_latency: bool = True, finetune: FinetuneConfig | None = None
+) -> Session:
     """Build the evaluators and the baseline: stored accuracy and costs, latency measured now.
 
     Latency is re-measured in every process (``measure_latency``), so candidates are compared with a
@@ -390,7 +403,7 @@ def start_session(exp: Experiment, study: optuna.Study, *, measure_latency: bool
         exp.data,
         imgsz=config.imgsz,
         device=exp.device,
-        finetune=config.finetune,
+        finetune=finetune or config.finetune,
         workdir=config.output_dir / "runs",
         hardware=hardware,
     )

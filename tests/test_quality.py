@@ -1,0 +1,95 @@
+"""Search-quality tools: the per-stage sensitivity scan, the warm start it drives, and the proxy-fidelity
+rank correlation; units on their logic and the real CLI on a tiny model."""
+
+from __future__ import annotations
+
+import itertools
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from tests.test_search_e2e import _config, _run
+from yoloprune.config import config_from_dict, load_config
+from yoloprune.errors import ConfigError
+from yoloprune.search.fidelity import kendall_tau
+from yoloprune.search.sensitivity import StageSensitivity, warm_start_params
+
+SPACE = {
+    "ratios": {
+        "backbone.p3": {"low": 0.1, "high": 0.5, "step": 0.05},
+        "backbone.p4": {"low": 0.1, "high": 0.5, "step": 0.05},
+        "neck": {"low": 0.2, "high": 0.6},
+    }
+}
+
+
+def test_kendall_tau():
+    assert kendall_tau([1, 2, 3, 4], [10, 20, 30, 40]) == 1.0
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == -1.0
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(2 / 3)
+    assert kendall_tau([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(5 / (6 * 5) ** 0.5)  # tau-b with a tie
+    scipy_stats = pytest.importorskip("scipy.stats")
+    x, y = [0.31, 0.12, 0.25, 0.25, 0.4, 0.05], [0.5, 0.2, 0.3, 0.45, 0.6, 0.1]
+    assert kendall_tau(x, y) == pytest.approx(scipy_stats.kendalltau(x, y).statistic)
+    with pytest.raises(ValueError):
+        kendall_tau([1], [1])
+
+
+def _row(stage: str, drop: float, flops: float) -> StageSensitivity:
+    return StageSensitivity(stage, 0.5, 0.3, drop, flops, flops, None)
+
+
+def test_warm_start_prunes_robust_stages_harder_and_grows_with_k():
+    config = config_from_dict({"name": "w", "model": "yolov8n.yaml", "data": "d.yaml", "space": SPACE})
+    rows = [_row("backbone.p3", 0.40, 0.10), _row("backbone.p4", 0.05, 0.20), _row("neck", 0.10, 0.10)]
+    params = warm_start_params(config, rows, 3)
+    assert len(params) == 3
+    # p3 costs 4.0 mAP per FLOP, the neck 1.0, p4 0.25: p4 is pruned hardest, p3 least.
+    last = params[-1]
+    assert last["ratio.backbone.p3"] == 0.1  # the most sensitive stage stays at the bottom of its range
+    assert last["ratio.backbone.p4"] == 0.5  # the most robust reaches the top
+    assert last["ratio.neck"] == pytest.approx(0.2 + 0.4 * 0.8)  # in between: 1 - (1.0 - 0.25) / (4.0 - 0.25)
+    for a, b in itertools.pairwise(params):  # from mild to aggressive
+        assert all(b[k] >= a[k] for k in a)
+    for p in params:  # on the grid
+        assert round(p["ratio.backbone.p4"] / 0.05, 6) == round(p["ratio.backbone.p4"] / 0.05)
+    with pytest.raises(ConfigError, match="lacks stage"):
+        warm_start_params(config, rows[:2], 2)
+
+
+@pytest.mark.slow
+def test_sensitivity_scan_warm_start_and_fidelity_through_the_cli(tmp_path, tiny_data):
+    cfg_path = _config(
+        tmp_path, tiny_data, "quality",
+        constraints=[], targets=[], objectives=[{"metric": "map50_95", "direction": "maximize"}],
+        engine={"sampler": "random", "seed": 0}, budget={"trials": 4},
+    )  # fmt: skip
+    proc = _run("sensitivity", str(cfg_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "backbone.p4" in proc.stdout and "neck" in proc.stdout and "mAP_drop_%" in proc.stdout
+    cfg = load_config(cfg_path)
+    study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+    scan = study.user_attrs["sensitivity"]
+    assert scan["epochs"] == 0 and {s["stage"] for s in scan["stages"]} == {"backbone.p4", "neck"}
+    assert all(0 < s["flops_reduction"] < 1 for s in scan["stages"])
+
+    proc = _run("search", str(cfg_path), "--no-progress", "--warm-start", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url).get_trials()
+    assert [t.user_attrs.get("warm_start") for t in trials[:2]] == [1, 2]
+    from yoloprune.search.sensitivity import stored
+
+    expected = warm_start_params(cfg, stored(optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)), 2)
+    assert [t.params for t in trials[:2]] == [pytest.approx(p) for p in expected]
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 4
+
+    bad = _run("fidelity", str(cfg_path), "--epochs", "1", cwd=tmp_path)
+    assert bad.returncode == 2 and "must exceed the proxy" in bad.stderr
+    proc = _run("fidelity", str(cfg_path), "--top", "2", "--random", "1", "--epochs", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url).user_attrs["fidelity"]
+    assert record["n"] == 3 and record["epochs"] == 2 and len(record["trials"]) == 3
+    assert record["tau"] != record["tau"] or -1.0 <= record["tau"] <= 1.0  # NaN when every mAP ties
+    results = _run("results", str(cfg_path), cwd=tmp_path)
+    assert "proxy fidelity: Kendall tau" in results.stdout and "over 3 trials" in results.stdout

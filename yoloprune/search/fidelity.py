@@ -1,0 +1,113 @@
+"""Proxy fidelity: how far to trust a short fine-tune's ranking of candidates.
+
+Re-trains the top trials (by reward) and a random sample of the others with a long fine-tune, and
+reports the Kendall rank correlation between the proxy's mAP50-95 and the long fine-tune's. Stored on
+the study (user attribute ``fidelity``), so ``results`` and the report show it.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from yoloprune.config import ExperimentConfig
+from yoloprune.errors import ConfigError
+from yoloprune.log import get_logger
+
+LOGGER = get_logger(__name__)
+
+STUDY_ATTR = "fidelity"
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    tau: float
+    n: int
+    epochs: int
+    proxy_epochs: int
+    trials: dict[int, dict[str, float]]  # trial -> {"proxy": mAP50-95, "long": mAP50-95}
+
+
+def kendall_tau(x: list[float], y: list[float]) -> float:
+    """Kendall's tau-b (ties in either list counted as in SciPy's default)."""
+    if len(x) != len(y) or len(x) < 2:
+        raise ValueError("kendall_tau needs two lists of the same length, at least 2")
+    concordant = discordant = ties_x = ties_y = 0
+    for i in range(len(x)):
+        for j in range(i + 1, len(x)):
+            dx, dy = x[i] - x[j], y[i] - y[j]
+            if dx == 0 and dy == 0:
+                continue
+            if dx == 0:
+                ties_x += 1
+            elif dy == 0:
+                ties_y += 1
+            elif (dx > 0) == (dy > 0):
+                concordant += 1
+            else:
+                discordant += 1
+    denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+    return (concordant - discordant) / denominator if denominator else float("nan")
+
+
+def choose(study: optuna.Study, top: int, sample: int, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
+    """The ``top`` complete trials by reward and ``sample`` others at random (duplicates excluded)."""
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if "duplicate_of" not in t.user_attrs and t.user_attrs.get("finetuned", True)
+    ]
+    if len(complete) < 3:
+        raise ConfigError(
+            f"proxy fidelity needs at least 3 complete, fine-tuned trials; '{study.study_name}' has {len(complete)}."
+        )
+    ranked = sorted(complete, key=lambda t: t.user_attrs.get("reward", float("-inf")), reverse=True)
+    chosen, rest = ranked[:top], ranked[top:]
+    chosen += random.Random(seed).sample(rest, min(sample, len(rest)))
+    if len(chosen) < 3:
+        raise ConfigError(f"--top {top} and --random {sample} choose {len(chosen)} trials; choose at least 3.")
+    return chosen
+
+
+def measure(config: ExperimentConfig, *, top: int = 3, sample: int = 3, epochs: int = 20) -> Fidelity:
+    """Re-train the chosen trials for ``epochs``, compute Kendall's tau, store it on the study."""
+    from yoloprune.search.optuna_engine import open_study
+    from yoloprune.search.runner import prepare, start_session
+    from yoloprune.ultra.offline import ultralytics_quiet
+
+    if epochs <= config.finetune.epochs:
+        raise ConfigError(f"--epochs {epochs} must exceed the proxy's {config.finetune.epochs} fine-tune epochs.")
+    study = open_study(config, create=False)
+    chosen = choose(study, top, sample, seed=config.engine.seed or 0)
+    exp = prepare(config)
+    long_finetune = config.finetune.model_copy(update={"epochs": epochs, "skip_infeasible": False})
+    results: dict[int, dict[str, float]] = {}
+    with ultralytics_quiet():
+        session = start_session(exp, study, measure_latency=False, finetune=long_finetune)
+        for t in chosen:
+            candidate = config.space.candidate_from_params(t.params)
+            result = session.evaluator.evaluate(candidate, name=f"fidelity_{t.number:04d}")
+            results[t.number] = {"proxy": float(t.user_attrs["metrics"]["map50_95"]), "long": result.raw["map50_95"]}
+            LOGGER.info(
+                "trial %d: proxy mAP50-95 %.4f, after %d epochs %.4f",
+                t.number, results[t.number]["proxy"], epochs, results[t.number]["long"],
+            )  # fmt: skip
+    tau = kendall_tau([r["proxy"] for r in results.values()], [r["long"] for r in results.values()])
+    fidelity = Fidelity(tau, len(results), epochs, config.finetune.epochs, results)
+    study.set_user_attr(STUDY_ATTR, {**asdict(fidelity), "trials": {str(k): v for k, v in results.items()}})
+    return fidelity
+
+
+def stored(study: optuna.Study) -> dict[str, Any] | None:
+    return study.user_attrs.get(STUDY_ATTR)
+
+
+def describe(record: dict[str, Any]) -> str:
+    return (
+        f"proxy fidelity: Kendall tau {record['tau']:.2f} between {record['proxy_epochs']}-epoch proxy and "
+        f"{record['epochs']}-epoch mAP50-95 over {record['n']} trials"
+    )
