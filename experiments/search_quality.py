@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,10 @@ from yoloprune.search.runner import run_search
 from yoloprune.tables import format_table
 
 
-def _config(name: str, output: Path, sampler: str, trials: int, seed: int) -> Any:
+def _config(name: str, output: Path, sampler: str, trials: int, seed: int, model: str | None = None) -> Any:
     raw = copy.deepcopy(DEMO_EXPERIMENT)
+    if model is not None:
+        raw["model"] = model
     raw.update(
         name=name,
         output=str(output / name),
@@ -56,19 +59,26 @@ def main() -> None:
     p.add_argument("--fidelity-epochs", type=int, default=6, help="long fine-tune for the fidelity check (0: skip)")
     p.add_argument("--output", default="outputs/quality")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--base-epochs", type=int, default=None,
+                   help="train (once, cached) a demo base for this many epochs instead of the demo's 30")  # fmt: skip
     args = p.parse_args()
     out = Path(args.output)
+    model = None
+    if args.base_epochs is not None:
+        from yoloprune.demo import FULL, base_model_path
+
+        model = str(base_model_path(dataclasses.replace(FULL, base_epochs=args.base_epochs)))
     frames: dict[str, pd.DataFrame] = {}
     seconds: dict[str, float] = {}
 
-    uniform = _config("quality-uniform", out, "random", len(args.uniform), args.seed)
+    uniform = _config("quality-uniform", out, "random", len(args.uniform), args.seed, model)
     start = time.perf_counter()
     run_search(uniform, progress=False, uniform=args.uniform)
     seconds["uniform"] = time.perf_counter() - start
     frames["uniform"] = _frame(uniform)
     configs = {}
     for sampler in args.samplers:
-        configs[sampler] = _config(f"quality-{sampler}", out, sampler, args.trials, args.seed)
+        configs[sampler] = _config(f"quality-{sampler}", out, sampler, args.trials, args.seed, model)
         start = time.perf_counter()
         run_search(configs[sampler], progress=False)
         seconds[sampler] = time.perf_counter() - start
