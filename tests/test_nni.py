@@ -17,10 +17,10 @@ from typing import Any
 
 import optuna
 import pytest
-import yaml
 from optuna.trial import TrialState
 
 from tests.browser import browser_page
+from tests.test_search_e2e import _config
 from yoloprune.config import config_from_dict, load_config
 from yoloprune.errors import BackendUnavailableError, SearchSpaceError
 from yoloprune.spaces import SearchSpace
@@ -126,25 +126,9 @@ def _cfg(tmp_path: Path, name: str, **changes: Any):
 
 
 def _write_config(tmp_path: Path, data_yaml: Path, name: str, **changes: Any) -> Path:
-    raw = {
-        "name": name,
-        "model": {"yaml": "yolov8n.yaml"},
-        "data": str(data_yaml),
-        "imgsz": 128,
-        "device": "cpu",
-        "space": SPACE,
-        "finetune": {"epochs": 2, "batch": 8, "bn_batches": 1},
-        "targets": [{"name": "cpu", "backend": "onnxruntime", "threads": 1, "min_runs": 5, "max_runs": 10, "warmup": 1}],
-        "objectives": [{"metric": "map50_95", "direction": "maximize"}, {"metric": "latency_ms.cpu", "direction": "minimize"}],
-        "constraints": [{"metric": "flops_reduction", "min": 0.25}],
-        "engine": {"nni_tuner": "tpe", "seed": 1},
-        "budget": {"trials": 3},
-        "output": str(tmp_path / name),
-        **changes,
-    }  # fmt: skip
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(raw))
-    return path
+    """The end-to-end tests' tiny config, with NNI's TPE and a 2-epoch fine-tune (one intermediate result each)."""
+    defaults = {"finetune": {"epochs": 2, "batch": 8, "bn_batches": 1}, "engine": {"nni_tuner": "tpe", "seed": 1}}
+    return _config(tmp_path, data_yaml, name, **{**defaults, **changes})
 
 
 @pytest.fixture

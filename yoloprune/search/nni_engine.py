@@ -190,7 +190,7 @@ def _prepare_baseline(config: ExperimentConfig, verbose: bool) -> None:
 def resume(config: ExperimentConfig, *, port: int = 8080, exp_id: str | None = None) -> Launched:
     """Continue a stopped NNI experiment (trials it had not run yet, up to its budget)."""
     require_nni()
-    from nni.experiment import Experiment, RunMode
+    from nni.experiment import RunMode
 
     exp = _existing(config, exp_id)
     _check_port(port)
@@ -200,7 +200,6 @@ def resume(config: ExperimentConfig, *, port: int = 8080, exp_id: str | None = N
     exp.load_checkpoint()
     exp._action = "resume"  # what Experiment.resume does, but detached from this process
     exp.start(port=port, run_mode=RunMode.Detach)
-    assert isinstance(exp, Experiment)
     return Launched(exp.id, f"http://127.0.0.1:{port}")
 
 

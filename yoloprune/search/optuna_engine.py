@@ -164,6 +164,18 @@ class _RetryingRDBStorage(RDBStorage):
     and that writes several attributes of a trial in one transaction."""
 
     @retry_transient
+    def note_on_finished_trial(self, trial_id: int, key: str, value: Any) -> None:
+        """Set a user attribute of a trial that is already finished (Optuna forbids it through its API)."""
+        import json
+
+        from optuna.storages._rdb import models
+        from optuna.storages._rdb.storage import _create_scoped_session
+
+        with _create_scoped_session(self.scoped_session, True) as session:
+            session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key=key).delete()
+            session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
+
+    @retry_transient
     def set_trial_attrs(self, trial_id: int, user: dict[str, Any], system: dict[str, Any]) -> None:
         from optuna.storages._rdb import models
         from optuna.storages._rdb.storage import _create_scoped_session
@@ -200,6 +212,9 @@ for _name in (
     setattr(_RetryingRDBStorage, _name, retry_transient(getattr(RDBStorage, _name)))
 
 
+STALE_ERROR = "interrupted: its worker stopped sending heartbeats (killed or disconnected)"
+
+
 class _RetryStale:
     """Queue a stale (killed worker's) trial's parameters again, at most ``max_retries`` times in a chain."""
 
@@ -207,6 +222,10 @@ class _RetryStale:
         self.max_retries = max_retries
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        backend = getattr(study._storage, "_backend", study._storage)
+        if "error" not in trial.user_attrs and isinstance(backend, _RetryingRDBStorage):
+            # Failed by Optuna's own stale check (at another worker's trial start), not by fail_stale.
+            backend.note_on_finished_trial(trial._trial_id, "error", STALE_ERROR)
         by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
         depth, current = 0, trial
         while (previous := current.user_attrs.get("retry_of")) is not None and previous in by_number:
@@ -226,9 +245,7 @@ def fail_stale(study: optuna.Study) -> list[int]:
     failed = []
     for trial_id in storage._get_stale_trial_ids(study._study_id):
         try:
-            storage.set_trial_user_attr(
-                trial_id, "error", "interrupted: its worker stopped sending heartbeats (killed or disconnected)"
-            )
+            storage.set_trial_user_attr(trial_id, "error", STALE_ERROR)
             if storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 failed.append(trial_id)
         except optuna.exceptions.UpdateFinishedTrialError:

@@ -56,7 +56,8 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
         except ConfigError:  # no feasible trial: show the best-rewarded one
             complete = trials[trials["state"] == "complete"]
             trial = int(complete.sort_values("reward", ascending=False)["trial"].iloc[0])
-    chosen = study.get_trials(deepcopy=False)[trial] if 0 <= trial < len(study.trials) else None
+    all_trials = study.get_trials(deepcopy=False)
+    chosen = all_trials[trial] if 0 <= trial < len(all_trials) else None
     if chosen is None or "per_class" not in chosen.user_attrs:
         raise ConfigError(f"trial {trial} has no per-class AP (it does not exist or did not finish).")
 

@@ -109,7 +109,7 @@ def run_search(
         LOGGER.info("queued uniform baseline ratios %s", enqueue_uniform(study, config, uniform))
     if warm_start:
         with ultralytics_quiet(not verbose):
-            queued = enqueue_warm_start(study, config, warm_start)
+            queued = enqueue_warm_start(study, exp, warm_start)
         if queued:
             LOGGER.info("queued %d sensitivity-guided candidates first (warm start)", len(queued))
     recovered = recover_interrupted(study)

@@ -8,7 +8,7 @@ worker, and the report read it without scanning again.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 import pandas as pd
@@ -17,6 +17,9 @@ from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.log import get_logger
 from yoloprune.spaces import Candidate, RatioRange
+
+if TYPE_CHECKING:
+    from yoloprune.search.runner import Experiment
 
 LOGGER = get_logger(__name__)
 
@@ -40,7 +43,14 @@ def searched_stages(config: ExperimentConfig) -> dict[str, RatioRange]:
     return {n: r for n, r in config.space.ratios.items() if isinstance(r, RatioRange) and r.low != r.high}
 
 
-def scan(config: ExperimentConfig, *, ratio: float | None = None, epochs: int = 0) -> list[StageSensitivity]:
+def scan(
+    config: ExperimentConfig,
+    *,
+    ratio: float | None = None,
+    epochs: int = 0,
+    exp: Experiment | None = None,
+    study: optuna.Study | None = None,
+) -> list[StageSensitivity]:
     """Prune each searched stage alone at ``ratio`` (default: the top of its range) and evaluate it.
 
     ``epochs`` of fine-tune per stage (0: BN re-estimation only, seconds per stage). The result is
@@ -56,8 +66,8 @@ def scan(config: ExperimentConfig, *, ratio: float | None = None, epochs: int = 
         raise ConfigError("the search space has no searched stage ratio to scan.")
     if ratio is not None and not 0 < ratio < 0.95:
         raise ConfigError(f"--ratio {ratio} must lie in (0, 0.95).")
-    exp = prepare(config)
-    study = open_study(config)
+    exp = exp or prepare(config)
+    study = study or open_study(config)
     importance = config.space.importance if isinstance(config.space.importance, str) else config.space.importance[0]
     round_to = config.space.round_to if isinstance(config.space.round_to, int) else config.space.round_to[0]
     rows = []
@@ -130,11 +140,12 @@ def warm_start_params(config: ExperimentConfig, rows: list[StageSensitivity], n:
     return out
 
 
-def enqueue_warm_start(study: optuna.Study, config: ExperimentConfig, n: int) -> list[dict[str, Any]]:
+def enqueue_warm_start(study: optuna.Study, exp: Experiment, n: int) -> list[dict[str, Any]]:
     """Queue ``n`` sensitivity-guided candidates (once per experiment); scans first if no scan is stored."""
     if any(t.user_attrs.get("warm_start") for t in study.get_trials(deepcopy=False)):
         return []
-    rows = stored(study) or scan(config)
+    config = exp.config
+    rows = stored(study) or scan(config, exp=exp, study=study)
     params = warm_start_params(config, rows, n)
     for k, p in enumerate(params, start=1):
         study.enqueue_trial(p, user_attrs={"warm_start": k}, skip_if_exists=False)

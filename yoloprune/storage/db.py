@@ -280,7 +280,9 @@ class Store:
                 f"'{_hidden(self.url)}' holds yoloprune tables of schema version {found}, newer than this "
                 f"yoloprune's ({SCHEMA_VERSION}). Upgrade yoloprune (pip install -U yoloprune) on this machine."
             )
-        if found < SCHEMA_VERSION and not upgrade:
+        if found == SCHEMA_VERSION:
+            return
+        if not upgrade:
             raise StorageError(
                 f"'{_hidden(self.url)}' holds yoloprune tables of schema version {found}; this yoloprune needs "
                 f"version {SCHEMA_VERSION}. Upgrade the database in place (every record is kept): "
@@ -290,8 +292,7 @@ class Store:
             for version in range(found + 1, SCHEMA_VERSION + 1):
                 MIGRATIONS[version](conn)
                 LOGGER.info("upgraded yoloprune's tables in %s to schema version %d", _hidden(self.url), version)
-            if found < SCHEMA_VERSION:
-                _set_version(conn, SCHEMA_VERSION)
+            _set_version(conn, SCHEMA_VERSION)
 
     @contextmanager
     def lock(self, name: str) -> Iterator[None]:
