@@ -46,6 +46,31 @@ def test_duplicate_baseline_is_a_storage_error(url):
         store.save_baseline(a, "k", {})
 
 
+def test_workers_starting_together_share_one_experiment_row(url):
+    """Workers launched at once race to create the tables, the experiment and the same latency: none fails."""
+    import threading
+
+    def start(barrier, name, ids, errors):
+        try:
+            barrier.wait()
+            store = Store(url)
+            ids.append(store.experiment_id(name, {"name": name}))
+            store.save_latency(name, {"median_ms": 1.0})
+        except Exception as e:  # collected: an assert in a thread would not fail the test
+            errors.append(e)
+
+    workers = 6
+    for round_ in range(5):
+        barrier, name, ids, errors = threading.Barrier(workers), f"exp{round_}", [], []
+        threads = [threading.Thread(target=start, args=(barrier, name, ids, errors)) for _ in range(workers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and len(ids) == workers and len(set(ids)) == 1, (errors, ids)
+        assert Store(url).latency(name) == {"median_ms": 1.0}
+
+
 def test_bad_urls():
     with pytest.raises(StorageError, match="not a database URL"):
         Store("not a url")

@@ -36,7 +36,14 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    IntegrityError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from yoloprune.errors import BackendUnavailableError, StorageError
@@ -88,6 +95,11 @@ def retry_transient(fn: Callable[P, R]) -> Callable[P, R]:
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def lost_insert_race(e: BaseException) -> bool:
+    """True when ``e`` is a unique-key violation: another process inserted the same row first."""
+    return isinstance(e, IntegrityError) or isinstance(e.__cause__, IntegrityError)
 
 
 def _now() -> datetime:
@@ -265,15 +277,17 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def _check_schema(self, upgrade: bool) -> None:
+        if schema_version(self.engine) == SCHEMA_VERSION:
+            return
+        with self.lock("yoloprune-schema"):  # workers started together: one creates or upgrades, the rest wait
+            self._create_or_upgrade(upgrade)
+
+    def _create_or_upgrade(self, upgrade: bool) -> None:
         found = schema_version(self.engine)
         if found is None:
-            try:
-                with self.engine.begin() as conn:
-                    Base.metadata.create_all(conn)
-                    _set_version(conn, SCHEMA_VERSION)
-            except SQLAlchemyError:
-                if schema_version(self.engine) != SCHEMA_VERSION:  # not another worker creating it meanwhile
-                    raise
+            with self.engine.begin() as conn:
+                Base.metadata.create_all(conn)
+                _set_version(conn, SCHEMA_VERSION)
             return
         if found > SCHEMA_VERSION:
             raise StorageError(
@@ -339,7 +353,18 @@ class Store:
 
     @retry_transient
     def experiment_id(self, name: str, config: dict[str, Any]) -> int:
-        """Id of experiment ``name``, created if new; its stored config is updated to ``config``."""
+        """Id of experiment ``name``, created if new; its stored config is updated to ``config``.
+
+        Workers started together race to create the row; the loser reads the winner's.
+        """
+        try:
+            return self._experiment_id(name, config)
+        except StorageError as e:
+            if not lost_insert_race(e):
+                raise
+            return self._experiment_id(name, config)
+
+    def _experiment_id(self, name: str, config: dict[str, Any]) -> int:
         with self.session() as s:
             row = s.scalar(select(ExperimentRow).where(ExperimentRow.name == name))
             if row is None:
@@ -411,9 +436,13 @@ class Store:
 
     @retry_transient
     def save_latency(self, key: str, result: dict[str, Any]) -> None:
-        with self.session() as s:
-            if s.scalar(select(LatencyRow).where(LatencyRow.key == key)) is None:
-                s.add(LatencyRow(key=key, result=json.loads(json.dumps(result))))
+        try:
+            with self.session() as s:
+                if s.scalar(select(LatencyRow).where(LatencyRow.key == key)) is None:
+                    s.add(LatencyRow(key=key, result=json.loads(json.dumps(result))))
+        except StorageError as e:
+            if not lost_insert_race(e):  # another worker measured the same architecture first: keep theirs
+                raise
 
     @retry_transient
     def register_worker(self, experiment_id: int) -> int:
