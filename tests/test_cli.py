@@ -74,8 +74,13 @@ def test_real_cli_prune_finetune_val(tmp_path, tiny_data):
         "cpu",
         "--project",
         str(tmp_path / "runs"),
+        "--teacher",
+        "base.pt",
     )
     assert p.returncode == 0, p.stderr[-3000:]
+    from yoloprune.ultra.checkpoint import read_metadata
+
+    assert read_metadata(tmp_path / "t.pt")["finetune"]["distill"] == 6.0  # distilled from the base
     p = run("val", "t.pt", "--data", str(tiny_data), "--imgsz", "128", "--device", "cpu")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "mAP50-95" in p.stdout and "cross" in p.stdout

@@ -88,6 +88,9 @@ def test_relative_paths_follow_the_config_file(tmp_path):
         ({"budget": {"trials": None}}, "budget.trials, budget.timeout_s or both"),
         ({"imgsz": 300}, "multiple of 32"),
         ({"name": "bad name!"}, "name"),
+        ({"finetune": {"overrides": {"distill_model": "t.pt"}}}, "use finetune.distill"),
+        ({"finetune": {"distill": 6.0, "epochs": 0}}, "finetune.distill needs finetune.epochs >= 1"),
+        ({"finetune": {"distill": -1}}, "finetune.distill"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, patch, message):

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from tests.conftest import MODELS
+from yoloprune.errors import EvaluatorError
 from yoloprune.pruning import count_params, prune
 from yoloprune.ultra.checkpoint import read_metadata, save_checkpoint
 from yoloprune.ultra.models import load_detector
@@ -115,6 +116,35 @@ def test_validate_reports_every_class(tuned, tiny_data):
     assert sorted(val.per_class) == list(range(6))
     assert all(c.name for c in val.per_class.values())
     assert 0.0 <= val.map50_95 <= val.map50 <= 1.0
+
+
+def test_distillation_from_the_base_trains_only_the_student_and_resumes(tiny_data, tmp_path):
+    """Ultralytics' DistillationModel wraps the pruned student; the result is the student alone, and an
+    interrupted distilled fine-tune resumes (projector and all) from its last epoch."""
+    import csv
+
+    base = load_detector("yolov8n.yaml", nc=6)
+    pruned = prune(base, RATIOS, round_to=8)
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(epoch, _metrics):
+        if epoch == 1:
+            raise Interrupted
+
+    run = dict(epochs=3, imgsz=128, batch=8, project=tmp_path, name="kd", teacher=base, distill=6.0)
+    with pytest.raises(Interrupted):
+        finetune(pruned, tiny_data, on_epoch=interrupt, **run)
+    rows = list(csv.DictReader((tmp_path / "kd" / "results.csv").open()))
+    assert len(rows) == 2 and all(float(r["train/dis_loss"]) > 0 for r in rows)  # the teacher's loss was on
+    result = finetune(pruned, tiny_data, resume=True, **run)
+    assert result.resumed_from == 2 and len(result.epochs) == 1
+    assert type(result.model).__name__ == "DetectionModel" and count_params(result.model) == count_params(pruned)
+    assert count_params(base) == count_params(load_detector("yolov8n.yaml", nc=6))  # the teacher was not touched
+
+    with pytest.raises(EvaluatorError, match=r"teacher checkpoint .* does not exist"):
+        finetune(pruned, tiny_data, **{**run, "teacher": tmp_path / "none.pt", "name": "kd2"})
 
 
 def test_bn_recalibration_matches_batch_statistics(tiny_data):

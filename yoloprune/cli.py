@@ -64,6 +64,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=16)
     s.add_argument("--device", default=None, help="cpu, 0, 0,1 ... (default: cuda:0 if available)")
     s.add_argument("--project", default="runs/yoloprune", help="training run folder")
+    s.add_argument("--teacher", default=None, help="distil from this checkpoint (usually the unpruned base .pt)")
+    s.add_argument("--distill", type=float, default=6.0, help="distillation loss weight with --teacher (default 6.0)")
     s.set_defaults(func=_cmd_finetune)
 
     s = sub.add_parser("val", help="validate a checkpoint: mAP50, mAP50-95 and per-class AP")
@@ -262,8 +264,13 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         device=default_device(args.device),
         project=args.project,
         name=Path(args.output).stem,
+        teacher=args.teacher,
+        distill=args.distill if args.teacher else 0.0,
     )
-    metadata = {**read_metadata(args.model), "finetune": {"epochs": args.epochs, "history": result.epochs}}
+    tuned = {"epochs": args.epochs, "history": result.epochs}
+    if args.teacher:
+        tuned.update(teacher=str(Path(args.teacher).resolve()), distill=args.distill)
+    metadata = {**read_metadata(args.model), "finetune": tuned}
     path = save_checkpoint(
         result.model, args.output, train_args={"data": args.data, "imgsz": args.imgsz}, metadata=metadata
     )

@@ -40,6 +40,8 @@ class FinetuneConfig(_Section):
         bn_batches: batches for BN-statistics re-estimation before the fine-tune (0: off).
         skip_infeasible: when a constraint on cost (FLOPs, params, size) is already violated after pruning,
             record the trial as infeasible with its BN-re-estimated mAP instead of fine-tuning it.
+        distill: knowledge distillation from the unpruned base during the fine-tune: the weight of the
+            distillation loss (Ultralytics' ``dis``; 6.0 is its default). 0: off.
         overrides: any Ultralytics training argument (``lr0``, ``optimizer``, ``mosaic``...).
     """
 
@@ -48,7 +50,20 @@ class FinetuneConfig(_Section):
     workers: int = Field(0, ge=0)
     bn_batches: int = Field(10, ge=0)
     skip_infeasible: bool = True
+    distill: float = Field(0.0, ge=0)
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _distill_in_one_place(self) -> FinetuneConfig:
+        clash = sorted({"distill_model", "dis"} & self.overrides.keys())
+        if clash:
+            raise ValueError(
+                f"finetune.overrides sets {', '.join(clash)}: use finetune.distill (the weight); the teacher is the "
+                "experiment's base model"
+            )
+        if self.distill > 0 and self.epochs == 0:
+            raise ValueError("finetune.distill needs finetune.epochs >= 1 (distillation happens during the fine-tune)")
+        return self
 
 
 class EngineConfig(_Section):

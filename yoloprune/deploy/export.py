@@ -135,6 +135,8 @@ def export_trial(
                 project=output / "runs",
                 name=stem,
                 resume=not fresh,
+                teacher=exp.base if config.finetune.distill > 0 else None,
+                distill=config.finetune.distill,
                 **config.finetune.overrides,
             )
             model, history, resumed_from = tuned.model, tuned.epochs, tuned.resumed_from

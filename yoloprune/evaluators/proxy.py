@@ -134,6 +134,8 @@ class ProxyEvaluator:
                     name=name,
                     on_epoch=on_epoch,
                     keep_run=False,
+                    teacher=self.base if self.cfg.distill > 0 else None,
+                    distill=self.cfg.distill,
                     **self.cfg.overrides,
                 )
             timings["finetune"] -= result.val_seconds

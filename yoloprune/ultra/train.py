@@ -27,6 +27,7 @@ from yoloprune.ultra.val import ValResult, check_classes, validator_result
 configure_offline()
 
 from ultralytics.models.yolo.detect import DetectionTrainer  # noqa: E402
+from ultralytics.nn.distill_model import DistillationModel  # noqa: E402
 from ultralytics.nn.tasks import load_checkpoint  # noqa: E402
 
 LOGGER = get_logger(__name__)
@@ -61,18 +62,28 @@ class PrunedDetectionTrainer(DetectionTrainer):
         return self._pruned
 
     def setup_model(self) -> dict[str, Any] | None:
-        """On resume, load the interrupted run's weights into the pruned module; its checkpoint restores the rest."""
+        """On resume, load the interrupted run's weights into the pruned module; its checkpoint restores the rest.
+
+        A distilled run's checkpoint holds Ultralytics' ``DistillationModel`` (student and feature projector,
+        no teacher): the student's weights go into the pruned module and the wrapper is rebuilt around it.
+        """
         if not self.resume:
             return None
         weights, ckpt = load_checkpoint(str(self.args.resume))
-        state, mine = weights.float().state_dict(), self._pruned.state_dict()
+        student = getattr(weights, "student_model", weights)
+        state, mine = student.float().state_dict(), self._pruned.state_dict()
         if state.keys() != mine.keys() or any(state[k].shape != mine[k].shape for k in mine):
             raise EvaluatorError(
                 f"cannot resume from {self.args.resume}: it holds a different architecture. "
                 "Remove that run folder to start the fine-tune again."
             )
         self._pruned.load_state_dict(state)
-        setattr(self, "model", self._pruned)  # noqa: B010
+        model: nn.Module = self._pruned
+        if isinstance(weights, DistillationModel) and self.args.distill_model:
+            setattr(self._pruned, "args", self.args)  # noqa: B010  (the wrapper reads imgsz and dis from it)
+            model = DistillationModel(teacher_model=self.args.distill_model, student_model=self._pruned)
+            model.projector.load_state_dict(weights.projector.float().state_dict())
+        setattr(self, "model", model)  # noqa: B010
         return dict(ckpt)
 
 
@@ -112,6 +123,8 @@ def finetune(
     on_epoch: EpochCallback | None = None,
     keep_run: bool = True,
     resume: bool = False,
+    teacher: nn.Module | str | Path | None = None,
+    distill: float = 0.0,
     **overrides: Any,
 ) -> FinetuneResult:
     """Fine-tune ``model`` (a copy) for ``epochs`` on ``data``; returns the best weights and per-epoch mAP.
@@ -122,13 +135,21 @@ def finetune(
         keep_run: keep the Ultralytics run folder (weights, results.csv); False removes it at the end.
         resume: continue an interrupted run of the same ``project``/``name`` and ``epochs`` from its
             ``last.pt`` (weights, optimizer, EMA, epoch); a finished or absent run starts afresh.
+        teacher: the model to distil from (usually the unpruned base), a module or a checkpoint path.
+        distill: weight of the distillation loss (Ultralytics' ``dis``; 0: no distillation). Ultralytics'
+            ``DistillationModel`` matches the student's neck features (through a trained 1x1 projector) to the
+            teacher's, weighted by the teacher's class scores; the projector is dropped from the result.
         overrides: any Ultralytics training argument (``lr0``, ``mosaic``, ``optimizer``...).
     """
     if epochs < 1:
         raise EvaluatorError(f"epochs must be >= 1, got {epochs}.")
+    if distill < 0 or (distill > 0 and teacher is None):
+        raise EvaluatorError(f"distillation needs a teacher model and a weight > 0, got weight {distill}.")
     info = data if isinstance(data, DatasetInfo) else inspect_dataset(data)
     check_classes(model, info)
     project = Path(project).resolve()
+    if distill > 0:
+        overrides = {**overrides, "distill_model": str(_teacher_path(teacher, info, project / name)), "dis": distill}
     work = copy.deepcopy(model).float().train()
     params = count_params(work)
     args = {
@@ -191,6 +212,21 @@ def finetune(
             "rebuilt the model. This is a bug in yoloprune's Ultralytics adapter; please report it."
         )
     return FinetuneResult(trained, history, final, val_clock["total"], best if keep_run else None, resumed_from)
+
+
+def _teacher_path(teacher: nn.Module | str | Path | None, info: DatasetInfo, run: Path) -> Path:
+    """A checkpoint of ``teacher`` that Ultralytics' distillation loads (a module is saved into the run folder)."""
+    if isinstance(teacher, (str, Path)):
+        path = Path(teacher).resolve()
+        if not path.is_file():
+            raise EvaluatorError(f"teacher checkpoint {path} does not exist; give the unpruned model's .pt file.")
+        return path
+    if teacher is None:
+        raise EvaluatorError("distillation needs a teacher model.")
+    check_classes(teacher, info)
+    from yoloprune.ultra.checkpoint import save_checkpoint
+
+    return save_checkpoint(teacher, run / "teacher.pt")
 
 
 def _resumable(last: Path, epochs: int) -> int | None:
