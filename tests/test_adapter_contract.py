@@ -47,6 +47,21 @@ def test_trainer_uses_a_module_it_is_given():
     assert "on_fit_epoch_end" in inspect.getsource(BaseTrainer)
 
 
+def test_distillation_wraps_after_setup_model_and_strips_to_the_student():
+    """finetune(distill=...) relies on Ultralytics wrapping the trainer's model (ours) in DistillationModel
+    after setup_model, on the wrapper's student_model/projector, and on strip_optimizer keeping the student."""
+    from ultralytics.nn.distill_model import DistillationModel
+
+    setup = inspect.getsource(BaseTrainer._setup_train)
+    assert setup.index("self.setup_model()") < setup.index("DistillationModel(student_model=self.model"), (
+        "Ultralytics no longer wraps the model for distillation after setup_model; revisit yoloprune.ultra.train"
+    )
+    params = inspect.signature(DistillationModel.__init__).parameters
+    assert {"teacher_model", "student_model"} <= set(params)
+    assert "self.projector" in inspect.getsource(DistillationModel.__init__)
+    assert ".student_model" in inspect.getsource(ut.strip_optimizer)
+
+
 def test_validator_and_metrics_api():
     params = inspect.signature(DetectionValidator.__init__).parameters
     assert "args" in params

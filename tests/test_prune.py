@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from tests.conftest import MODELS
-from yoloprune.pruning import count_params, find_stages, measure_costs, prune
+from yoloprune.errors import ModelError
+from yoloprune.pruning import count_params, find_stages, measure_costs, prune, prune_like
 from yoloprune.ultra.blocks import SplitC2f, fold_c2f_blocks, split_c2f_blocks
 from yoloprune.ultra.models import load_detector
 
@@ -129,6 +130,26 @@ def test_split_and_fold_are_exact(base):
 def test_zero_ratios_return_an_unchanged_copy(base):
     pruned = prune(base, {"neck": 0.0})
     assert pruned is not base and count_params(pruned) == count_params(base)
+
+
+@pytest.mark.parametrize("round_to", [1, 8])
+def test_progressive_rounds_end_at_the_one_shot_architecture(base, round_to):
+    """prune_like reaches the one-shot widths exactly from a milder round, keeping its own important channels."""
+    ratios = {s.name: 0.45 for s in find_stages(base) if s.prunable}
+    one_shot = prune(base, ratios, round_to=round_to)
+    first = prune(base, {s: r / 2 for s, r in ratios.items()}, round_to=round_to)
+    with torch.no_grad():  # pretend a fine-tune changed what matters: a progressive round must follow it
+        for m in first.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.data = m.weight.data.flip(0)
+    second = prune_like(first, one_shot)
+    assert _conv_widths(second) == _conv_widths(one_shot) and count_params(second) == count_params(one_shot)
+    assert not all(
+        torch.equal(a, b) for a, b in zip(second.state_dict().values(), one_shot.state_dict().values(), strict=True)
+    )  # other channels kept than the base's ranking picks
+    second(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ModelError, match="not a narrower copy"):
+        prune_like(one_shot, first)  # the reference is wider
 
 
 @pytest.mark.parametrize("cfg", ["yolov3-tinyu.yaml", "yolov6n.yaml", "yolov10n.yaml", "yolo12n.yaml", "yolo26n.yaml"])

@@ -95,3 +95,40 @@ def test_sensitivity_scan_warm_start_and_fidelity_through_the_cli(tmp_path, tiny
     assert record["tau"] == pytest.approx(expected, nan_ok=True)  # NaN when every mAP ties (untrained model)
     results = _run("results", str(cfg_path), cwd=tmp_path)
     assert "proxy fidelity: Kendall tau" in results.stdout and "over 3 trials" in results.stdout
+
+
+def test_progressive_distilled_proxy_reaches_the_one_shot_architecture(tiny_data, tmp_path, monkeypatch):
+    """finetune.rounds=2: prune to half the ratios, fine-tune, prune to the full ratios, fine-tune; each with
+    the base as distillation teacher; the pruner's per-epoch callback sees one epoch sequence."""
+    from torch import nn
+
+    from yoloprune.config import FinetuneConfig
+    from yoloprune.data.check import inspect_dataset
+    from yoloprune.evaluators import proxy
+    from yoloprune.pruning import count_params, prune
+    from yoloprune.spaces import Candidate
+    from yoloprune.ultra.models import load_detector
+
+    calls, real = [], proxy.finetune
+    monkeypatch.setattr(
+        proxy, "finetune", lambda model, *a, **k: calls.append((count_params(model), k)) or real(model, *a, **k)
+    )
+    base = load_detector("yolov8n.yaml", nc=6)
+    cfg = FinetuneConfig(epochs=3, batch=8, bn_batches=1, distill=2.0, rounds=2)
+    evaluator = proxy.ProxyEvaluator(
+        base, inspect_dataset(tiny_data), imgsz=128, device="cpu", finetune=cfg, workdir=tmp_path
+    )
+    candidate = Candidate({"backbone.p4": 0.4, "neck": 0.5}, round_to=8)
+    seen = []
+    result = evaluator.evaluate(candidate, name="t0", on_epoch=lambda e, m: seen.append(e))
+
+    one_shot = prune(base, candidate.ratios, round_to=8)
+    half = prune(base, {s: r / 2 for s, r in candidate.ratios.items()}, round_to=8)
+    widths = lambda m: [c.out_channels for c in m.modules() if isinstance(c, nn.Conv2d)]  # noqa: E731
+    assert widths(result.model) == widths(one_shot) and result.finetuned
+    assert [params for params, _ in calls] == [count_params(half), count_params(one_shot)]
+    assert [k["epochs"] for _, k in calls] == [1, 2] and seen == [0, 1, 2] and len(result.epochs) == 3
+    assert all(k["teacher"] is base and k["distill"] == 2.0 for _, k in calls)
+    assert not list(tmp_path.glob("t0*"))  # the rounds' run folders are removed
+    with pytest.raises(ValueError, match=r"finetune\.rounds"):
+        FinetuneConfig(epochs=1, rounds=2)

@@ -42,6 +42,8 @@ class FinetuneConfig(_Section):
             record the trial as infeasible with its BN-re-estimated mAP instead of fine-tuning it.
         distill: knowledge distillation from the unpruned base during the fine-tune: the weight of the
             distillation loss (Ultralytics' ``dis``; 6.0 is its default). 0: off.
+        rounds: progressive pruning: reach the candidate's ratios in this many prune/fine-tune rounds
+            (ratios x 1/n, 2/n ... 1), sharing ``epochs`` between them. 1: prune once, then fine-tune.
         overrides: any Ultralytics training argument (``lr0``, ``optimizer``, ``mosaic``...).
     """
 
@@ -51,6 +53,7 @@ class FinetuneConfig(_Section):
     bn_batches: int = Field(10, ge=0)
     skip_infeasible: bool = True
     distill: float = Field(0.0, ge=0)
+    rounds: int = Field(1, ge=1)
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
@@ -63,6 +66,11 @@ class FinetuneConfig(_Section):
             )
         if self.distill > 0 and self.epochs == 0:
             raise ValueError("finetune.distill needs finetune.epochs >= 1 (distillation happens during the fine-tune)")
+        if self.rounds > max(self.epochs, 1):
+            raise ValueError(
+                f"finetune.rounds ({self.rounds}) needs finetune.epochs >= rounds (each pruning round fine-tunes at "
+                f"least one epoch); got epochs {self.epochs}"
+            )
         return self
 
 

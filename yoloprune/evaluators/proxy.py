@@ -16,8 +16,9 @@ from torch import nn
 
 from yoloprune.config import FinetuneConfig
 from yoloprune.data.check import DatasetInfo
+from yoloprune.errors import EvaluatorError
 from yoloprune.evaluators.hardware import HardwareEvaluator
-from yoloprune.pruning import measure_costs, prune
+from yoloprune.pruning import measure_costs, prune, prune_like
 from yoloprune.spaces import Candidate
 from yoloprune.ultra.train import EpochCallback, finetune
 from yoloprune.ultra.val import ValResult, recalibrate_bn, validate
@@ -121,18 +122,62 @@ class ProxyEvaluator:
         epochs: list[dict[str, float]] = []
         val: ValResult | None = None
         if finetuned:
+            model, val, epochs = self._finetune(model, candidate, name, on_epoch, timings)
+        if val is None:
+            with _timed(timings, "validation"):
+                val = validate(model, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
+        raw = {**raw_metrics(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
+        return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
+
+    def _finetune(
+        self,
+        pruned: nn.Module,
+        candidate: Candidate,
+        name: str,
+        on_epoch: EpochCallback | None,
+        timings: dict[str, float],
+    ) -> tuple[nn.Module, ValResult | None, list[dict[str, float]]]:
+        """Fine-tune ``pruned``; with ``rounds`` > 1, reach it progressively from the base instead.
+
+        Round k of n prunes to ratios x k/n (the last round to exactly ``pruned``'s widths, choosing channels
+        by the fine-tuned weights), re-estimates BN and fine-tunes its share of the epochs. ``on_epoch`` sees
+        the epochs of all rounds numbered in one sequence.
+        """
+        rounds = self.cfg.rounds
+        history: list[dict[str, float]] = []
+        model, val = pruned, None
+        for k, epochs in enumerate(split_epochs(self.cfg.epochs, rounds), start=1):
+            if rounds > 1:
+                with _timed(timings, "prune"):
+                    scaled = {s: r * k / rounds for s, r in candidate.ratios.items()}
+                    if k == 1:
+                        model = prune(self.base, scaled, importance=candidate.importance, round_to=candidate.round_to)
+                    else:
+                        target = pruned if k == rounds else prune(self.base, scaled, round_to=candidate.round_to)
+                        model = prune_like(model, target, importance=candidate.importance)
+                if self.cfg.bn_batches > 0:
+                    with _timed(timings, "bn"):
+                        recalibrate_bn(
+                            model,
+                            self.data,
+                            imgsz=self.imgsz,
+                            batches=self.cfg.bn_batches,
+                            batch=self.cfg.batch,
+                            device=self.device,
+                        )
+            done = len(history)
             with _timed(timings, "finetune"):
                 result = finetune(
                     model,
                     self.data,
-                    epochs=self.cfg.epochs,
+                    epochs=epochs,
                     imgsz=self.imgsz,
                     batch=self.cfg.batch,
                     device=self.device,
                     workers=self.cfg.workers,
                     project=self.workdir,
-                    name=name,
-                    on_epoch=on_epoch,
+                    name=name if rounds == 1 else f"{name}-round{k}",
+                    on_epoch=None if on_epoch is None else _shifted(on_epoch, done),
                     keep_run=False,
                     teacher=self.base if self.cfg.distill > 0 else None,
                     distill=self.cfg.distill,
@@ -140,12 +185,22 @@ class ProxyEvaluator:
                 )
             timings["finetune"] -= result.val_seconds
             timings["validation"] += result.val_seconds
-            model, val, epochs = result.model, result.val, result.epochs
-        if val is None:
-            with _timed(timings, "validation"):
-                val = validate(model, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
-        raw = {**raw_metrics(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
-        return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
+            model, val = result.model, result.val
+            history.extend(result.epochs)
+        return model, val, history
+
+
+def _shifted(on_epoch: EpochCallback, done: int) -> EpochCallback:
+    """``on_epoch`` for a later round: its epochs continue the numbering of the rounds before."""
+    return lambda epoch, metrics: on_epoch(done + epoch, metrics)
+
+
+def split_epochs(epochs: int, rounds: int) -> list[int]:
+    """Epochs per progressive round: an equal share each, the remainder in the last (the target) round."""
+    if rounds < 1 or epochs < rounds:
+        raise EvaluatorError(f"{rounds} pruning rounds need at least {rounds} fine-tune epochs, got {epochs}.")
+    share = epochs // rounds
+    return [share] * (rounds - 1) + [epochs - share * (rounds - 1)]
 
 
 def raw_metrics(val: ValResult, costs: Any) -> dict[str, float]:

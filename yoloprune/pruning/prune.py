@@ -73,13 +73,66 @@ def prune(
         raise SearchSpaceError(f"round_to must be a whole number >= 1, got {round_to!r}.")
 
     work = model if inplace else copy.deepcopy(model)
+    if not any(ratios.values()):
+        for p in work.parameters():
+            p.requires_grad_(True)  # as a pruned model would be: trainable
+        return work
+    return _pruned(work, lambda split: _ratio_per_conv(split, stages, ratios, round_to), importance, round_to, seed)
+
+
+def prune_like(
+    model: nn.Module, reference: nn.Module, importance: str = "l1", *, seed: int | None = 0
+) -> DetectionModel:
+    """Prune a copy of ``model`` to the exact channel widths of ``reference``, a pruned copy of the same network.
+
+    The channels kept are chosen by ``model``'s own weights (``importance``), so a model fine-tuned after
+    an earlier, milder round keeps what that fine-tune made important: progressive pruning prunes the base
+    to ratios x 1/n, fine-tunes, then ``prune_like(tuned, prune(base, ratios x 2/n))``, and so on, and ends
+    with exactly the architecture that one-shot ``prune(base, ratios)`` gives.
+
+    Raises:
+        ModelError: ``reference`` is not a narrower copy of ``model``'s architecture.
+    """
+    model = check_detector(model)
+    if importance not in IMPORTANCES:
+        raise SearchSpaceError(f"unknown importance '{importance}'.{did_you_mean(importance, IMPORTANCES)}")
+    target = _conv_widths(reference, split=True)
+
+    def keep_ratios(split: DetectionModel) -> dict[nn.Module, float]:
+        mine = {name: m for name, m in split.named_modules() if isinstance(m, nn.Conv2d)}
+        if mine.keys() != target.keys() or any(target[n] > m.out_channels for n, m in mine.items()):
+            raise ModelError(
+                "cannot prune to the reference's widths: it is not a narrower copy of this model's architecture."
+            )
+        # Torch-Pruning keeps int(channels * (1 - ratio)) channels: aim half a channel above the target.
+        return {m: 1 - (target[n] + 0.5) / m.out_channels for n, m in mine.items() if target[n] < m.out_channels}
+
+    work = _pruned(copy.deepcopy(model), keep_ratios, importance, 1, seed)
+    if _conv_widths(work) != _conv_widths(reference):
+        raise YoloPruneError("internal error: pruning to the reference's widths left different widths.")
+    return work
+
+
+def _conv_widths(model: nn.Module, *, split: bool = False) -> dict[str, int]:
+    """Output channels of every conv by module name (of the C2f-split form when ``split``)."""
+    if split:
+        model = copy.deepcopy(model)
+        split_c2f_blocks(model)
+    return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def _pruned(
+    work: DetectionModel,
+    ratios_for: Callable[[DetectionModel], dict[nn.Module, float]],
+    importance: str,
+    round_to: int,
+    seed: int | None,
+) -> DetectionModel:
+    """Prune ``work`` in place with Torch-Pruning; ``ratios_for`` gives each conv's ratio on the C2f-split model."""
     was_training = work.training
     work.eval()  # tracing must not update BN statistics
     for p in work.parameters():
         p.requires_grad_(True)  # the dependency graph is traced through autograd
-    if not any(ratios.values()):
-        return work.train(was_training)
-
     split_c2f_blocks(work)
     ignored = _ignored_layers(work)  # after the split, so the split halves are ignored too
     try:
@@ -93,7 +146,7 @@ def prune(
                 example_inputs=example,
                 importance=IMPORTANCES[importance](),
                 pruning_ratio=0.0,  # stages not named are not pruned
-                pruning_ratio_dict=_ratio_per_conv(work, stages, ratios, round_to),
+                pruning_ratio_dict=ratios_for(work),
                 ignored_layers=ignored,
                 round_to=round_to if round_to > 1 else None,
                 output_transform=_flatten_outputs,
