@@ -108,6 +108,21 @@ class ProxyEvaluator:
             with _timed(timings, "latency"):
                 measured, latency = self.hardware.measure(model)
             cost_metrics.update(measured)
+        finetuned = self.cfg.epochs > 0 and not (skip is not None and skip(cost_metrics))
+        if not (finetuned and self.cfg.rounds > 1):  # progressive rounds re-estimate BN on their own models
+            self._recalibrate_bn(model, timings)
+        epochs: list[dict[str, float]] = []
+        val: ValResult | None = None
+        if finetuned:
+            model, val, epochs = self._finetune(model, candidate, name, on_epoch, timings)
+        if val is None:
+            with _timed(timings, "validation"):
+                val = validate(model, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
+        raw = {**raw_metrics(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
+        return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
+
+    def _recalibrate_bn(self, model: nn.Module, timings: dict[str, float]) -> None:
+        """Re-estimate BN statistics of a freshly pruned ``model`` in place (``finetune.bn_batches``; 0: off)."""
         if self.cfg.bn_batches > 0:
             with _timed(timings, "bn"):
                 recalibrate_bn(
@@ -118,16 +133,6 @@ class ProxyEvaluator:
                     batch=self.cfg.batch,
                     device=self.device,
                 )
-        finetuned = self.cfg.epochs > 0 and not (skip is not None and skip(cost_metrics))
-        epochs: list[dict[str, float]] = []
-        val: ValResult | None = None
-        if finetuned:
-            model, val, epochs = self._finetune(model, candidate, name, on_epoch, timings)
-        if val is None:
-            with _timed(timings, "validation"):
-                val = validate(model, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
-        raw = {**raw_metrics(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
-        return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
 
     def _finetune(
         self,
@@ -155,16 +160,7 @@ class ProxyEvaluator:
                     else:
                         target = pruned if k == rounds else prune(self.base, scaled, round_to=candidate.round_to)
                         model = prune_like(model, target, importance=candidate.importance)
-                if self.cfg.bn_batches > 0:
-                    with _timed(timings, "bn"):
-                        recalibrate_bn(
-                            model,
-                            self.data,
-                            imgsz=self.imgsz,
-                            batches=self.cfg.bn_batches,
-                            batch=self.cfg.batch,
-                            device=self.device,
-                        )
+                self._recalibrate_bn(model, timings)
             done = len(history)
             with _timed(timings, "finetune"):
                 result = finetune(

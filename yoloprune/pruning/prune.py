@@ -64,11 +64,7 @@ def prune(
     stages = find_stages(model)
     check_ratios(dict(ratios_by_stage), stages)
     ratios = {k: float(v) for k, v in ratios_by_stage.items()}
-    if importance not in IMPORTANCES:
-        raise SearchSpaceError(
-            f"unknown importance '{importance}'.{did_you_mean(importance, IMPORTANCES)} "
-            f"Valid: {', '.join(IMPORTANCES)}."
-        )
+    _check_importance(importance)
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise SearchSpaceError(f"round_to must be a whole number >= 1, got {round_to!r}.")
 
@@ -94,8 +90,7 @@ def prune_like(
         ModelError: ``reference`` is not a narrower copy of ``model``'s architecture.
     """
     model = check_detector(model)
-    if importance not in IMPORTANCES:
-        raise SearchSpaceError(f"unknown importance '{importance}'.{did_you_mean(importance, IMPORTANCES)}")
+    _check_importance(importance)
     target = _conv_widths(reference, split=True)
 
     def keep_ratios(split: DetectionModel) -> dict[nn.Module, float]:
@@ -111,6 +106,14 @@ def prune_like(
     if _conv_widths(work) != _conv_widths(reference):
         raise YoloPruneError("internal error: pruning to the reference's widths left different widths.")
     return work
+
+
+def _check_importance(importance: str) -> None:
+    if importance not in IMPORTANCES:
+        raise SearchSpaceError(
+            f"unknown importance '{importance}'.{did_you_mean(importance, IMPORTANCES)} "
+            f"Valid: {', '.join(IMPORTANCES)}."
+        )
 
 
 def _conv_widths(model: nn.Module, *, split: bool = False) -> dict[str, int]:

@@ -148,7 +148,7 @@ def finetune(
     info = data if isinstance(data, DatasetInfo) else inspect_dataset(data)
     check_classes(model, info)
     project = Path(project).resolve()
-    if distill > 0:
+    if distill > 0 and teacher is not None:
         overrides = {**overrides, "distill_model": str(_teacher_path(teacher, info, project / name)), "dis": distill}
     work = copy.deepcopy(model).float().train()
     params = count_params(work)
@@ -214,15 +214,13 @@ def finetune(
     return FinetuneResult(trained, history, final, val_clock["total"], best if keep_run else None, resumed_from)
 
 
-def _teacher_path(teacher: nn.Module | str | Path | None, info: DatasetInfo, run: Path) -> Path:
+def _teacher_path(teacher: nn.Module | str | Path, info: DatasetInfo, run: Path) -> Path:
     """A checkpoint of ``teacher`` that Ultralytics' distillation loads (a module is saved into the run folder)."""
     if isinstance(teacher, (str, Path)):
         path = Path(teacher).resolve()
         if not path.is_file():
             raise EvaluatorError(f"teacher checkpoint {path} does not exist; give the unpruned model's .pt file.")
         return path
-    if teacher is None:
-        raise EvaluatorError("distillation needs a teacher model.")
     check_classes(teacher, info)
     from yoloprune.ultra.checkpoint import save_checkpoint
 
