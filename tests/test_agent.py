@@ -90,6 +90,23 @@ def test_bad_token_garbage_and_oversized_uploads(agent, onnx_file):
     assert status == 200  # still serving real requests
 
 
+def test_int8_remote_measurement(agent, onnx_file, tmp_path):
+    """The search side sends a Q/DQ ONNX; a float upload with an int8 spec is quantized by the agent."""
+    import dataclasses
+
+    from yoloprune.deploy.quantize import is_quantized
+
+    int8 = dataclasses.replace(SPEC, precision="int8")
+    remote = get_backend("remote", url=agent, token=TOKEN)
+    sent: list[bool] = []
+    original = type(remote).measure_file
+    remote.measure_file = lambda path, spec: sent.append(is_quantized(path)) or original(remote, path, spec)  # type: ignore[method-assign]
+    result = remote.measure(load_detector("yolov8n.yaml", nc=6), int8, tmp_path)
+    assert sent == [True] and result.env["int8_qdq"] and result.env["precision"] == "int8"
+    float_upload = get_backend("remote", url=agent, token=TOKEN).measure_file(onnx_file, int8)
+    assert float_upload.env["int8_qdq"] and float_upload.model_bytes < onnx_file.stat().st_size / 2.5
+
+
 def test_remote_backend_in_a_cached_measurement(agent, tmp_path):
     from yoloprune.storage import Store
 

@@ -91,6 +91,9 @@ def test_relative_paths_follow_the_config_file(tmp_path):
         ({"finetune": {"overrides": {"distill_model": "t.pt"}}}, "use finetune.distill"),
         ({"finetune": {"distill": 6.0, "epochs": 0}}, "finetune.distill needs finetune.epochs >= 1"),
         ({"finetune": {"distill": -1}}, "finetune.distill"),
+        ({"targets": [{"name": "t", "backend": "torch", "precision": "int8"}]}, "the torch backend has no int8"),
+        ({"targets": [{"name": "t", "precision": "fp16"}]}, "fp16 is timed on CUDA only"),
+        ({"targets": [{"name": "t", "precision": "int4"}]}, "targets.0.precision"),
     ],
 )
 def test_bad_configs_name_the_problem(tmp_path, patch, message):

@@ -83,7 +83,8 @@ def test_stats():
     assert trimmed_cv([1.0, 1.1, 0.9, 1.0, 50.0]) < 0.2  # one hiccup of a busy machine is ignored
 
 
-def test_tensorrt_backend(models, tmp_path):
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_tensorrt_backend(models, tmp_path, precision):
     """Runs only where TensorRT and a CUDA GPU exist (never in this project's CI: no TensorRT package can
     be installed in this workplace)."""
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (README: not verified in CI)")
@@ -91,7 +92,7 @@ def test_tensorrt_backend(models, tmp_path):
 
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
-    spec = LatencySpec(imgsz=96, device="cuda", precision="fp16", warmup=5, min_runs=20, max_runs=50)
+    spec = LatencySpec(imgsz=96, device="cuda", precision=precision, warmup=5, min_runs=20, max_runs=50)
     result, _ = measure_latency(models[1], "tensorrt", spec, workdir=tmp_path)
     assert result.median_ms > 0 and result.model_bytes and result.env["tensorrt"]
 
@@ -105,3 +106,94 @@ def test_tensorrt_unavailable_names_the_extra():
         pass
     with pytest.raises(BackendUnavailableError, match=r"pip install -e '.\[tensorrt\]'"):
         get_backend("tensorrt")
+
+
+def test_int8_onnxruntime_times_a_qdq_copy(models, tmp_path):
+    from yoloprune.evaluators.latency.measure import cache_key
+
+    base, _ = models
+    int8 = LatencySpec(
+        imgsz=96, batch=1, warmup=2, min_runs=10, max_runs=30, cv_target=0.5, threads=1, precision="int8"
+    )
+    fp32, _ = measure_latency(base, "onnxruntime", SPEC, workdir=tmp_path)
+    result, _ = measure_latency(base, "onnxruntime", int8, workdir=tmp_path)
+    assert result.env["int8_qdq"] and result.env["precision"] == "int8" and result.median_ms > 0
+    assert result.model_bytes and fp32.model_bytes and result.model_bytes < fp32.model_bytes / 2.5  # int8 weights
+    runner = get_backend("onnxruntime")
+    assert cache_key(base, runner, int8) != cache_key(base, runner, SPEC)
+
+
+def _initializers(model):
+    return {i.name: i for i in model.graph.initializer}
+
+
+def test_quantize_recipes(models, tmp_path):
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from yoloprune.deploy.quantize import head_decode_nodes, is_quantized, quantize_onnx
+
+    _, pruned = models
+    src = export_onnx(pruned, tmp_path / "pruned.onnx", imgsz=96)
+    x = np.random.default_rng(1).random((1, 3, 96, 96), dtype=np.float32)
+    calibration = [np.random.default_rng(i).random((1, 3, 96, 96), dtype=np.float32) for i in range(3)]
+    outputs = {}
+    for recipe in ("onnxruntime", "tensorrt"):
+        path = quantize_onnx(src, tmp_path / f"{recipe}.onnx", recipe=recipe, calibration=calibration)
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+        assert is_quantized(model) and not is_quantized(src)
+        props = {p.key: p.value for p in model.metadata_props}
+        assert "names" in props and "stride" in props  # Ultralytics still reads it
+        produced_by = {o: n for n in model.graph.node for o in n.output}
+        decode = set(head_decode_nodes(model))
+        assert any("/dfl/" in name for name in decode) and all(n.op_type != "DequantizeLinear" for n in
+                                                               model.graph.node if n.name in decode)  # fmt: skip
+        # Box decoding stays in floating point: nothing it computes (pixel coordinates) is quantized.
+        requantized = {produced_by[n.input[0]].name for n in model.graph.node
+                       if n.op_type == "QuantizeLinear" and n.input[0] in produced_by}  # fmt: skip
+        assert not requantized & decode, requantized & decode
+        zero_points = [
+            numpy_helper.to_array(_initializers(model)[n.input[2]])
+            for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and len(n.input) > 2
+        ]
+        if recipe == "tensorrt":  # symmetric INT8 only, on the inputs of the operators TensorRT fuses
+            assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+            readers: dict[str, set[str]] = {}
+            for n in model.graph.node:
+                for i in n.input:
+                    readers.setdefault(i, set()).add(n.op_type)
+            dequantized = [n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+            assert dequantized and all(readers[t] & {"Conv", "MaxPool", "Resize"} for t in dequantized)
+            assert not any(produced_by[n.input[0]].op_type in ("Conv", "Sigmoid") for n in model.graph.node
+                           if n.op_type == "QuantizeLinear" and n.input[0] in produced_by)  # fmt: skip
+        else:  # unsigned activations with zero points: what ONNX Runtime's x86 kernels want
+            assert any(z.dtype == np.uint8 for z in zero_points)
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        outputs[recipe] = session.run(None, {session.get_inputs()[0].name: x})[0]
+    assert outputs["onnxruntime"].shape == outputs["tensorrt"].shape == (1, 4 + 6, 189)
+
+
+def test_quantize_bad_input(models, tmp_path):
+    import numpy as np
+
+    from yoloprune.deploy.quantize import quantize_onnx
+    from yoloprune.errors import EvaluatorError
+
+    base, _ = models
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"not an onnx file")
+    with pytest.raises(EvaluatorError, match="not an ONNX file that can be read"):
+        quantize_onnx(garbage, tmp_path / "q.onnx")
+    dynamic = export_onnx(base, tmp_path / "dynamic.onnx", imgsz=64, dynamic=True)
+    with pytest.raises(EvaluatorError, match="INT8 needs a static NCHW input"):
+        quantize_onnx(dynamic, tmp_path / "q.onnx")
+    static = export_onnx(base, tmp_path / "static.onnx", imgsz=64)
+    with pytest.raises(EvaluatorError, match=r"calibration batch has shape \(1, 3, 32, 32\)"):
+        quantize_onnx(static, tmp_path / "q.onnx", calibration=[np.zeros((1, 3, 32, 32), np.float32)])
+    done = quantize_onnx(static, tmp_path / "q.onnx")
+    with pytest.raises(EvaluatorError, match="already holds Q/DQ nodes"):
+        quantize_onnx(done, tmp_path / "qq.onnx")

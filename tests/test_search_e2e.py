@@ -274,8 +274,10 @@ def test_export_best_trial_through_the_cli(tmp_path, tiny_data, plain_env):
     if importlib.util.find_spec("tensorrt") is None:  # refused before any training, with the way out
         bad = _run("export", str(cfg_path), "--engine", "--output", str(tmp_path / "no-trt"), cwd=tmp_path)
         assert bad.returncode == 2 and "trtexec --onnx" in bad.stderr and not (tmp_path / "no-trt").exists()
+    bad = _run("export", str(cfg_path), "--int8", "--dynamic", "--output", str(tmp_path / "no-int8"), cwd=tmp_path)
+    assert bad.returncode == 2 and "drop --dynamic" in bad.stderr and not (tmp_path / "no-int8").exists()
     out = tmp_path / "exported"
-    proc = _run("export", str(cfg_path), "--epochs", "1", "--output", str(out), cwd=tmp_path)
+    proc = _run("export", str(cfg_path), "--epochs", "1", "--int8", "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     study = _study(cfg_path)
     fastest = min(study.get_trials(), key=lambda t: t.user_attrs["metrics"]["latency_ms.cpu"])
@@ -284,21 +286,28 @@ def test_export_best_trial_through_the_cli(tmp_path, tiny_data, plain_env):
     assert card["trial"] == fastest.number and card["candidate"]["ratios"] == fastest.user_attrs["candidate"]["ratios"]
     assert card["after"]["latency_ms.cpu"] > 0 and card["before"]["latency_ms.cpu"] > 0
     assert card["onnx_check"]["max_abs_diff"] <= 1e-3 * card["onnx_check"]["scale"]
-    assert set(card["files"]) == {f"{stem}.pt", f"{stem}.onnx"}
+    assert set(card["files"]) == {f"{stem}.pt", f"{stem}.onnx", f"{stem}.int8.onnx"}
     assert "| mAP50-95 |" in (out / f"{stem}.card.md").read_text()
+    int8 = card["int8"]
+    assert int8["calibration_images"] == 24 and "INT8 ONNX (onnxruntime recipe" in (out / f"{stem}.card.md").read_text()
+    assert 0 <= int8["int8_onnx"]["map50_95"] <= 1 and 0 <= int8["fp32_onnx"]["map50_95"] <= 1
     script = textwrap.dedent(f"""
         import sys
         from ultralytics import YOLO
         m = YOLO({str(out / f"{stem}.pt")!r})
         r = m.val(data={str(tiny_data)!r}, imgsz=128, batch=8, plots=False, verbose=False)
         print("MAP", float(r.box.map))
+        q = YOLO({str(out / f"{stem}.int8.onnx")!r}, task="detect")
+        r = q.val(data={str(tiny_data)!r}, imgsz=128, plots=False, verbose=False)
+        print("INT8", float(r.box.map))
         assert not any(k == "yoloprune" or k.startswith("yoloprune.") for k in sys.modules)
     """)
     loaded = subprocess.run(
         [sys.executable, "-c", script], env=plain_env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert abs(float(loaded.stdout.split("MAP")[1]) - card["after"]["map50_95"]) < 0.02
+    assert abs(float(loaded.stdout.split("MAP")[1].split()[0]) - card["after"]["map50_95"]) < 0.02
+    assert abs(float(loaded.stdout.split("INT8")[1]) - int8["int8_onnx"]["map50_95"]) < 1e-4
 
 
 def test_interrupted_export_fine_tune_resumes(tmp_path, tiny_data):

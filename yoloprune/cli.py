@@ -149,6 +149,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--epochs", type=int, default=30, help="fine-tune epochs (default 30)")
     s.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch dimension")
     s.add_argument("--engine", action="store_true", help="also build an FP16 TensorRT engine (needs TensorRT here)")
+    s.add_argument("--int8", action="store_true",
+                   help="also write an INT8 ONNX calibrated on training images and validate it (with --engine, an INT8 engine)")  # fmt: skip
     s.add_argument("--fresh", action="store_true", help="restart an interrupted fine-tune instead of resuming it")
     s.add_argument("--output", default=None, help="folder (default <experiment output>/export)")
     s.set_defaults(func=_cmd_export)
@@ -426,14 +428,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     print(f"exporting trial {trial.number} of '{config.name}' ({args.epochs} fine-tune epochs)")
     output = Path(args.output) if args.output else config.output_dir / "export"
     result = export_trial(
-        config, trial, epochs=args.epochs, output=output, dynamic=args.dynamic, engine=args.engine, fresh=args.fresh
-    )
+        config, trial, epochs=args.epochs, output=output, dynamic=args.dynamic, engine=args.engine, int8=args.int8,
+        fresh=args.fresh,
+    )  # fmt: skip
     resumed = result.card["finetune"]["resumed_from_epoch"]
     if resumed is not None:
         print(f"resumed the interrupted fine-tune at epoch {resumed + 1}")
     after = result.card["after"]
     print(f"mAP50-95 {after['map50_95']:.4f} (drop {100 * after['map50_95_drop']:.1f}%), GFLOPs {after['gflops']:.3f}")
-    for path in (result.checkpoint, result.onnx, result.engine, result.card_json, result.card_md):
+    if "int8" in result.card:
+        q = result.card["int8"]
+        print(f"INT8 ONNX mAP50-95 {q['int8_onnx']['map50_95']:.4f} (float ONNX {q['fp32_onnx']['map50_95']:.4f})")
+    paths = (result.checkpoint, result.onnx, result.int8_onnx, result.engine, result.int8_engine, result.card_json,
+             result.card_md)  # fmt: skip
+    for path in paths:
         if path is not None:
             print(f"wrote {path}")
     return 0

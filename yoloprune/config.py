@@ -131,7 +131,8 @@ class LatencyTarget(_Section):
         name: used in metric names: ``latency_ms.<name>``, ``latency_ratio.<name>``...
         backend: a registered latency backend: ``onnxruntime`` or ``torch``.
         device: ``cpu`` or ``cuda`` / ``cuda:N``.
-        precision: ``fp32`` or ``fp16`` (fp16 on CUDA).
+        precision: ``fp32``, ``fp16`` (on CUDA) or ``int8`` (``onnxruntime``, ``tensorrt`` and ``remote``: a
+            Q/DQ ONNX quantized with the runtime's recipe, see :mod:`yoloprune.deploy.quantize`).
         batch: batch size.
         imgsz: input size (default: the experiment's).
         threads: CPU intra-op threads (default: the runtime's).
@@ -149,7 +150,7 @@ class LatencyTarget(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     backend: str = "onnxruntime"
     device: str = "cpu"
-    precision: Literal["fp32", "fp16"] = "fp32"
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
     batch: int = Field(1, ge=1)
     imgsz: int | None = Field(None, ge=32)
     threads: int | None = Field(None, ge=1)
@@ -168,6 +169,16 @@ class LatencyTarget(_Section):
     def _remote_needs_url(self) -> LatencyTarget:
         if self.backend == "remote" and not self.url:
             raise ValueError(f"latency target '{self.name}' uses the remote backend: give its agent's url")
+        if self.precision == "int8" and self.backend == "torch":
+            raise ValueError(
+                f"latency target '{self.name}': the torch backend has no int8; time INT8 with backend onnxruntime "
+                "(CPU) or tensorrt (GPU)"
+            )
+        on_cpu = self.backend not in ("remote", "tensorrt") and not self.device.startswith("cuda")
+        if self.precision == "fp16" and on_cpu:
+            raise ValueError(
+                f"latency target '{self.name}': fp16 is timed on CUDA only; set device: cuda, or precision fp32/int8"
+            )
         return self
 
     @field_validator("backend")

@@ -81,6 +81,8 @@ class ExportResult:
     card_md: Path
     card: dict[str, Any]
     engine: Path | None = None
+    int8_onnx: Path | None = None
+    int8_engine: Path | None = None
 
 
 def export_trial(
@@ -91,12 +93,15 @@ def export_trial(
     output: Path,
     dynamic: bool = False,
     engine: bool = False,
+    int8: bool = False,
     fresh: bool = False,
 ) -> ExportResult:
     """Rebuild ``trial``'s model from the base, fine-tune ``epochs``, validate, and write the deliverables.
 
     An interrupted fine-tune of the same trial and ``epochs`` resumes from its last epoch unless
-    ``fresh``. ``engine`` also builds an FP16 TensorRT engine (TensorRT must be installed here).
+    ``fresh``. ``engine`` also builds an FP16 TensorRT engine (TensorRT must be installed here). ``int8``
+    also writes an INT8 Q/DQ ONNX calibrated on the dataset's training images and validates it (with
+    ``engine``, an INT8 engine too).
     """
     from yoloprune.deploy.onnx import check_onnx, export_onnx
     from yoloprune.evaluators.hardware import HardwareEvaluator
@@ -112,6 +117,8 @@ def export_trial(
 
     if engine:
         _check_engine_export(dynamic)  # before any training: nothing computed is lost to a missing TensorRT
+    if int8 and dynamic:
+        raise ConfigError("--int8 quantizes a static-batch ONNX; drop --dynamic.")
     exp = prepare(config)
     candidate = config.space.candidate_from_params(trial.params)
     output.mkdir(parents=True, exist_ok=True)
@@ -192,17 +199,62 @@ def export_trial(
         "seconds": time.perf_counter() - start,
     }
     engine_path = _build_engine(model, output / f"{stem}.fp16.engine", onnx_path, config.imgsz) if engine else None
-    if engine_path is not None:
-        files[engine_path.name] = file_sha256(engine_path)
+    int8_path = int8_engine = None
+    if int8:
+        int8_path, int8_engine, card["int8"] = _export_int8(onnx_path, exp.data, output / stem, config.imgsz, engine)
+    for extra in (engine_path, int8_path, int8_engine):
+        if extra is not None:
+            files[extra.name] = file_sha256(extra)
     card_json = output / f"{stem}.card.json"
     card_json.write_text(json.dumps(card, indent=2, default=float))
     card_md = output / f"{stem}.card.md"
     card_md.write_text(_markdown(card))
     for path, kind in ((checkpoint, "export_checkpoint"), (onnx_path, "export_onnx"), (card_json, "model_card")):
         exp.store.add_artifact(exp.experiment_id, kind, path, trial.number)
-    if engine_path is not None:
-        exp.store.add_artifact(exp.experiment_id, "export_engine", engine_path, trial.number)
-    return ExportResult(checkpoint, onnx_path, card_json, card_md, card, engine_path)
+    for extra, kind in (
+        (engine_path, "export_engine"),
+        (int8_path, "export_int8_onnx"),
+        (int8_engine, "export_engine"),
+    ):
+        if extra is not None:
+            exp.store.add_artifact(exp.experiment_id, kind, extra, trial.number)
+    return ExportResult(checkpoint, onnx_path, card_json, card_md, card, engine_path, int8_path, int8_engine)
+
+
+def _export_int8(
+    onnx_path: Path, data: Any, stem: Path, imgsz: int, engine: bool
+) -> tuple[Path, Path | None, dict[str, Any]]:
+    """INT8 Q/DQ ONNX (ONNX Runtime recipe) calibrated on training images, validated beside the float ONNX;
+    with ``engine``, a TensorRT-recipe Q/DQ ONNX and its INT8 engine too."""
+    from yoloprune.deploy.quantize import calibration_batches, quantize_onnx
+    from yoloprune.ultra.offline import ultralytics_quiet
+    from yoloprune.ultra.val import train_images, validate
+
+    calibration = calibration_batches(train_images(data), imgsz=imgsz, batch=1)
+    path = quantize_onnx(onnx_path, stem.with_name(f"{stem.name}.int8.onnx"), calibration=calibration)
+    with ultralytics_quiet():
+        fp32 = validate(onnx_path, data, imgsz=imgsz, batch=1)
+        quantized = validate(path, data, imgsz=imgsz, batch=1)
+    card = {
+        "recipe": "onnxruntime",
+        "calibration_images": len(calibration),
+        "fp32_onnx": {"map50": fp32.map50, "map50_95": fp32.map50_95},
+        "int8_onnx": {"map50": quantized.map50, "map50_95": quantized.map50_95},
+        "map50_95_drop": (fp32.map50_95 - quantized.map50_95) / fp32.map50_95 if fp32.map50_95 else None,
+    }
+    engine_path = None
+    if engine:
+        from yoloprune.evaluators.latency.base import LatencySpec
+        from yoloprune.evaluators.latency.tensorrt_backend import TensorRTBackend
+
+        trt_onnx = quantize_onnx(
+            onnx_path, stem.with_name(f"{stem.name}.int8-trt.onnx"), recipe="tensorrt", calibration=calibration
+        )
+        engine_path = stem.with_name(f"{stem.name}.int8.engine")
+        spec = LatencySpec(precision="int8", batch=1, imgsz=imgsz, device="cuda")
+        timing = engine_path.with_suffix(".timing-cache")
+        engine_path.write_bytes(TensorRTBackend().build_engine(trt_onnx, spec, timing_cache=timing))
+    return path, engine_path, card
 
 
 def _check_engine_export(dynamic: bool) -> None:
@@ -240,6 +292,18 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def _int8_lines(int8: dict[str, Any] | None) -> list[str]:
+    if not int8:
+        return []
+    fp32, quantized = int8["fp32_onnx"], int8["int8_onnx"]
+    return [
+        f"INT8 ONNX ({int8['recipe']} recipe, calibrated on {int8['calibration_images']} training images): "
+        f"mAP50-95 {quantized['map50_95']:.4f} vs {fp32['map50_95']:.4f} for the float ONNX, "
+        f"mAP50 {quantized['map50']:.4f} vs {fp32['map50']:.4f}.",
+        "",
+    ]
 
 
 def _markdown(card: dict[str, Any]) -> str:
@@ -280,6 +344,7 @@ def _markdown(card: dict[str, Any]) -> str:
         "",
         f"ONNX output matches torch within {card['onnx_check']['max_abs_diff']:.3g} (scale {card['onnx_check']['scale']:.3g}).",
         "",
+        *_int8_lines(card.get("int8")),
         "Files: " + ", ".join(f"`{name}` (sha256 {sha[:12]}...)" for name, sha in card["files"].items()),
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in card["versions"].items() if v),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def check_classes(model: nn.Module, info: DatasetInfo) -> None:
 
 
 def validate(
-    model: nn.Module,
+    model: nn.Module | str | Path,
     data: str | Path | DatasetInfo,
     *,
     imgsz: int,
@@ -77,10 +78,14 @@ def validate(
 ) -> ValResult:
     """mAP50, mAP50-95, precision, recall and per-class AP of ``model`` on the dataset's val split.
 
-    The model is copied first: Ultralytics fuses Conv and BN in place when it validates a module.
+    ``model`` may also be an exported file Ultralytics runs (an ONNX, INT8 Q/DQ included); a static-batch file
+    is validated at its own batch size. A module is copied first: Ultralytics fuses Conv and BN in place.
     """
     info = data if isinstance(data, DatasetInfo) else inspect_dataset(data)
-    check_classes(model, info)
+    if isinstance(model, (str, Path)):
+        _check_file_classes(Path(model), info)
+    else:
+        check_classes(model, info)
     with tempfile.TemporaryDirectory(prefix="yoloprune-val-") as tmp:
         args = {
             "data": str(info.write_resolved(Path(tmp))),
@@ -97,10 +102,32 @@ def validate(
         }
         validator = DetectionValidator(args=args)
         try:
-            validator(model=copy.deepcopy(model).float().eval())
+            validator(model=str(model) if isinstance(model, (str, Path)) else copy.deepcopy(model).float().eval())
         except Exception as e:
             raise EvaluatorError(f"validation failed ({type(e).__name__}: {e}).") from e
     return validator_result(validator, info)
+
+
+def _check_file_classes(path: Path, info: DatasetInfo) -> None:
+    """Raise if the exported file's class names (Ultralytics' ONNX metadata) disagree with the dataset's."""
+    import ast
+
+    import onnx
+
+    if path.suffix != ".onnx":
+        raise EvaluatorError(f"'{path}': only .onnx files (or modules) can be validated here.")
+    try:
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception as e:
+        raise EvaluatorError(f"'{path}' is not an ONNX file that can be read ({e}).") from e
+    if "names" not in props:
+        raise EvaluatorError(f"'{path}' has no Ultralytics metadata (class names); export it with yoloprune or yolo.")
+    names = ast.literal_eval(props["names"])
+    if len(names) != info.nc:
+        raise DatasetError(
+            f"'{path}' predicts {len(names)} classes but dataset '{info.yaml_path}' has {info.nc}; "
+            "use the dataset the model was trained on."
+        )
 
 
 def validator_result(validator: DetectionValidator, info: DatasetInfo) -> ValResult:
@@ -132,7 +159,7 @@ def recalibrate_bn(
     much of the accuracy at the cost of ``batches`` forward passes and no gradient step.
     """
     info = data if isinstance(data, DatasetInfo) else inspect_dataset(data)
-    files = _train_images(info)[: batches * batch]
+    files = train_images(info)[: batches * batch]
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns or not files:
         return model
@@ -143,12 +170,9 @@ def recalibrate_bn(
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average over all batches
         bn.train()
-    letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False)
     try:
-        for start in range(0, len(files), batch):
-            images = [np.asarray(letterbox(image=cv2.imread(str(f)))) for f in files[start : start + batch]]
-            x = torch.from_numpy(np.stack(images)[..., ::-1].transpose(0, 3, 1, 2).copy()).float() / 255
-            model(x.to(device))
+        for x in image_batches(files, imgsz=imgsz, batch=batch):
+            model(torch.from_numpy(x).to(device))
     finally:
         for bn, momentum in zip(bns, momenta):
             bn.momentum = momentum
@@ -156,7 +180,17 @@ def recalibrate_bn(
     return model
 
 
-def _train_images(info: DatasetInfo) -> list[Path]:
+def image_batches(files: list[Path], *, imgsz: int, batch: int) -> Iterator[np.ndarray]:
+    """``files`` as Ultralytics' predictor sees them: letterboxed to ``imgsz``, RGB, NCHW float32 in [0, 1],
+    ``batch`` at a time (the last batch may be smaller)."""
+    letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False)
+    for start in range(0, len(files), batch):
+        images = [np.asarray(letterbox(image=cv2.imread(str(f)))) for f in files[start : start + batch]]
+        yield np.ascontiguousarray(np.stack(images)[..., ::-1].transpose(0, 3, 1, 2), dtype=np.float32) / 255
+
+
+def train_images(info: DatasetInfo) -> list[Path]:
+    """Every image file of the dataset's train split, sorted."""
     entries = info.resolved["train"]
     files: list[Path] = []
     for item in entries if isinstance(entries, list) else [entries]:

@@ -1,4 +1,8 @@
-"""ONNX Runtime: the CPU execution provider, and CUDA / TensorRT providers where onnxruntime-gpu has them."""
+"""ONNX Runtime: the CPU execution provider, and CUDA / TensorRT providers where onnxruntime-gpu has them.
+
+``precision: int8`` times a Q/DQ copy of the model quantized with the ``onnxruntime`` recipe of
+:mod:`yoloprune.deploy.quantize` (a file that already holds Q/DQ nodes is timed as it is).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from yoloprune.errors import BackendUnavailableError
+from yoloprune.errors import BackendUnavailableError, EvaluatorError
 from yoloprune.evaluators.latency.base import (
     LatencyBackend,
     LatencyResult,
@@ -31,13 +35,23 @@ class OnnxRuntimeBackend(LatencyBackend):
     def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
         from yoloprune.deploy.onnx import export_onnx
 
-        path = export_onnx(model, Path(workdir) / "latency.onnx", imgsz=spec.imgsz, batch=spec.batch)
+        half = spec.precision == "fp16" and spec.device.startswith("cuda")
+        path = export_onnx(
+            model, Path(workdir) / "latency.onnx", imgsz=spec.imgsz, batch=spec.batch, half=half,
+            device="0" if half else "cpu",
+        )  # fmt: skip
         return self.measure_file(path, spec)
 
     def measure_file(self, path: Path, spec: LatencySpec) -> LatencyResult:
         """Time an ONNX file (also what the remote agent runs)."""
         import onnxruntime as ort
 
+        from yoloprune.deploy.quantize import ensure_int8
+
+        if spec.precision == "int8":
+            path = ensure_int8(path, recipe="onnxruntime")
+        elif spec.precision == "fp16" and not spec.device.startswith("cuda"):
+            raise EvaluatorError("onnxruntime fp16 is timed on CUDA only; on the CPU use fp32 or int8.")
         options = ort.SessionOptions()
         if spec.threads:
             options.intra_op_num_threads = spec.threads
@@ -54,7 +68,7 @@ class OnnxRuntimeBackend(LatencyBackend):
 
         times = time_until_stable(run_once, spec)
         env = {**self.environment(spec), "onnxruntime": ort.__version__, "providers": session.get_providers(),
-               "input_shape": shape}  # fmt: skip
+               "input_shape": shape, "int8_qdq": spec.precision == "int8"}  # fmt: skip
         return LatencyResult.from_times(
             self.name, times, peak_memory_mb=None, model_bytes=Path(path).stat().st_size, env=env
         )

@@ -4,7 +4,10 @@ already owns CUDA memory and streams), timed with CUDA events on a non-default s
 Written against the TensorRT 10 and 11 Python API documentation; NOT verified in this project's CI or
 workplace, where no TensorRT package can be installed (README). TensorRT 10 builds FP16 with
 ``BuilderFlag.FP16`` (weak typing); TensorRT 11 removed the precision flags and builds strongly typed
-networks, so FP16 there needs an FP16 ONNX. INT8 needs calibration or Q/DQ nodes and is refused for now.
+networks, so FP16 there needs an FP16 ONNX. INT8 on both is explicit quantization: a Q/DQ ONNX (the
+``tensorrt`` recipe of :mod:`yoloprune.deploy.quantize`: symmetric, zero points 0) parsed into a strongly
+typed network with no precision flags, as TensorRT's documentation recommends; the deprecated calibrator API
+is not used. Layers left unquantized (the box decoding) run in the ONNX's float type, fp32.
 """
 
 from __future__ import annotations
@@ -59,15 +62,21 @@ class TensorRTBackend(LatencyBackend):
         """Serialized engine (plan) for the ONNX file at ``path``."""
         import tensorrt as trt
 
-        if spec.precision == "int8":
+        from yoloprune.deploy.quantize import is_quantized
+
+        int8 = spec.precision == "int8"
+        if int8 and not is_quantized(path):
             raise EvaluatorError(
-                "TensorRT INT8 needs a calibrator or a Q/DQ ONNX; not supported yet. Use fp16 or fp32."
+                f"TensorRT INT8 builds from a Q/DQ ONNX and '{path}' has no Q/DQ nodes; quantize it first "
+                "(yoloprune.deploy.quantize.quantize_onnx with recipe='tensorrt', or `yoloprune export --int8`)."
             )
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
         major = _trt_major()
         strongly_typed = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
-        flags = 1 << int(strongly_typed) if major >= 11 and strongly_typed is not None else 0
+        if int8 and strongly_typed is None:
+            raise EvaluatorError(f"TensorRT {trt.__version__} has no strongly typed networks; INT8 needs TensorRT 10+.")
+        flags = 1 << int(strongly_typed) if (major >= 11 or int8) and strongly_typed is not None else 0
         network = builder.create_network(flags)
         parser = trt.OnnxParser(network, logger)
         if not parser.parse(Path(path).read_bytes()):
@@ -90,6 +99,10 @@ class TensorRTBackend(LatencyBackend):
         import tensorrt as trt
         import torch
 
+        from yoloprune.deploy.quantize import ensure_int8
+
+        if spec.precision == "int8":
+            path = ensure_int8(path, recipe="tensorrt")
         plan = self.build_engine(Path(path), spec, timing_cache=Path(path).with_name("timing.cache"))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(plan)
