@@ -1,0 +1,98 @@
+"""What does INT8 add to pruning? Two measurements, both on this machine's CPU with ONNX Runtime:
+
+1. Latency: yolov8n (80 classes, from YAML) and a pruned copy (uniform 0.5, round_to 8) at fp32 and INT8
+   (the ``onnxruntime`` Q/DQ recipe), each measured ``--repeats`` times interleaved; median of medians and
+   the ratio to the fp32 base.
+2. Accuracy: the demo's trained base (its dataset, 256 px) exported to ONNX, quantized with both recipes
+   calibrated on 64 training images, and validated by Ultralytics: mAP50-95 of float vs INT8 files. The
+   ``tensorrt`` recipe's file is run by ONNX Runtime here (no TensorRT in this workplace), which checks its
+   accuracy, not its speed.
+
+    .venv/bin/python experiments/int8_table.py [--imgsz 640] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from yoloprune.tables import format_table
+
+
+def latency_table(imgsz: int, repeats: int, workdir: Path) -> pd.DataFrame:
+    from yoloprune.evaluators.latency import LatencySpec, measure_latency
+    from yoloprune.pruning import find_stages, measure_costs, prune
+    from yoloprune.ultra.models import load_detector
+
+    base = load_detector("yolov8n.yaml").eval()
+    pruned = prune(base, dict.fromkeys([s.name for s in find_stages(base) if s.prunable], 0.5), round_to=8)
+    times: dict[tuple[str, str], list[float]] = {}
+    sizes: dict[tuple[str, str], int] = {}
+    for _ in range(repeats):
+        for name, model in (("base", base), ("pruned 0.5", pruned)):
+            for precision in ("fp32", "int8"):
+                spec = LatencySpec(imgsz=imgsz, precision=precision)  # type: ignore[arg-type]
+                result, _ = measure_latency(model, "onnxruntime", spec, workdir=workdir)
+                times.setdefault((name, precision), []).append(result.median_ms)
+                sizes[(name, precision)] = result.model_bytes or 0
+    reference = float(np.median(times[("base", "fp32")]))
+    rows = []
+    for (name, precision), ms in times.items():
+        model = base if name == "base" else pruned
+        rows.append({
+            "model": name, "precision": precision, "GFLOPs": measure_costs(model, imgsz).gflops,
+            "ONNX MB": sizes[(name, precision)] / 1e6, "median ms": float(np.median(ms)),
+            "vs fp32 base": float(np.median(ms)) / reference,
+        })  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def accuracy_table(workdir: Path) -> pd.DataFrame:
+    from yoloprune.data.check import inspect_dataset
+    from yoloprune.demo import FULL, base_model_path, demo_dataset
+    from yoloprune.deploy.onnx import export_onnx
+    from yoloprune.deploy.quantize import calibration_batches, quantize_onnx
+    from yoloprune.ultra.models import load_detector
+    from yoloprune.ultra.offline import ultralytics_quiet
+    from yoloprune.ultra.val import train_images, validate
+
+    info = inspect_dataset(demo_dataset(FULL))
+    model = load_detector(base_model_path(FULL)).eval()
+    src = export_onnx(model, workdir / "demo-base.onnx", imgsz=FULL.imgsz)
+    calibration = calibration_batches(train_images(info), imgsz=FULL.imgsz, batch=1, limit=64)
+    files = {"fp32": src}
+    for recipe in ("onnxruntime", "tensorrt"):
+        files[f"int8 ({recipe} recipe)"] = quantize_onnx(
+            src, workdir / f"demo-base.{recipe}.onnx", recipe=recipe, calibration=calibration
+        )
+    rows = []
+    with ultralytics_quiet():
+        torch_val = validate(model, info, imgsz=FULL.imgsz, batch=1)
+        rows.append({"file": "torch module", "mAP50": torch_val.map50, "mAP50-95": torch_val.map50_95})
+        for name, path in files.items():
+            val = validate(path, info, imgsz=FULL.imgsz, batch=1)
+            rows.append({"file": name, "mAP50": val.map50, "mAP50-95": val.map50_95})
+    frame = pd.DataFrame(rows)
+    fp32 = float(frame.loc[frame["file"] == "fp32", "mAP50-95"].iloc[0])
+    frame["drop vs fp32 ONNX"] = (fp32 - frame["mAP50-95"]) / fp32
+    return frame
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip-accuracy", action="store_true", help="latency only (no demo base needed)")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="yoloprune-int8-") as tmp:
+        print(format_table(latency_table(args.imgsz, args.repeats, Path(tmp))), flush=True)
+        if not args.skip_accuracy:
+            print(format_table(accuracy_table(Path(tmp))))
+
+
+if __name__ == "__main__":
+    main()
