@@ -35,6 +35,9 @@ def test_prune_uniform_and_per_stage(tmp_path, capsys):
         (["prune", "yolov8n.yaml", "-o", "x.pt"], "no ratios"),
         (["stages", "missing.pt"], "does not exist"),
         (["stages", "yolov8n-cls.yaml"], "detection models only"),
+        (["latency", "yolov8n.yaml", "--backend", "torch", "--precision", "int8"], "the torch backend has no int8"),
+        (["latency", "yolov8n.yaml", "--backend", "onnxrt"], "Did you mean 'onnxruntime'"),
+        (["latency", "yolov8n.yaml", "--backend", "remote"], "give its agent's url"),
     ],
 )
 def test_bad_input_exits_2_with_a_clear_message(tmp_path, monkeypatch, capsys, argv, message):
@@ -42,6 +45,20 @@ def test_bad_input_exits_2_with_a_clear_message(tmp_path, monkeypatch, capsys, a
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_latency_command_times_models_against_the_first(tmp_path):
+    pruned = tmp_path / "p.pt"
+    assert main(["prune", "yolov8n.yaml", "--uniform", "0.5", "--round-to", "8", "-o", str(pruned)]) == 0
+    proc = subprocess.run(
+        [sys.executable, "-m", "yoloprune.cli", "latency", "yolov8n.yaml", str(pruned), "--imgsz", "96",
+         "--precision", "int8", "--threads", "1", "--repeats", "2"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "onnxruntime on cpu, int8, batch 1, 96 px (2 interleaved repeat(s)" in proc.stdout
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
+    assert float(rows["yolov8n.yaml"][-1]) == 1.0 and 0 < float(rows[str(pruned)][-1]) < 2
 
 
 def test_dataset_command(tmp_path):

@@ -169,6 +169,19 @@ def _parser() -> argparse.ArgumentParser:
     action.add_argument("--stop", action="store_true", help="stop the experiment's NNI manager and dashboard")
     s.set_defaults(func=_cmd_nni)
 
+    s = sub.add_parser("latency", help="time models on a latency backend in one process; ratios to the first")
+    s.add_argument("models", nargs="+", help=".pt checkpoints or model YAMLs; the first is the reference")
+    s.add_argument("--backend", default="onnxruntime", help="onnxruntime (default), torch, tensorrt or remote")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda / cuda:N")
+    s.add_argument("--precision", default="fp32", help="fp32 (default), fp16 (CUDA) or int8")
+    s.add_argument("--imgsz", type=int, default=640, help="input size (default 640)")
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (default: the runtime's)")
+    s.add_argument("--repeats", type=int, default=1, help="measure the models interleaved this many times")
+    s.add_argument("--url", default=None, help="the agent's URL, for --backend remote")
+    s.add_argument("--remote-backend", default="onnxruntime", help="the runtime the agent uses")
+    s.set_defaults(func=_cmd_latency)
+
     s = sub.add_parser("agent", help="serve latency measurements on this (target) device over HTTP")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765)
@@ -215,6 +228,52 @@ def _cmd_stages(args: argparse.Namespace) -> int:
     from yoloprune.ultra.models import load_detector
 
     print(format_table(stage_table(load_detector(args.model), args.imgsz)))
+    return 0
+
+
+def _cmd_latency(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import numpy as np
+    import pandas as pd
+    from pydantic import ValidationError
+
+    from yoloprune.config import LatencyTarget
+    from yoloprune.evaluators.hardware import HardwareEvaluator
+    from yoloprune.pruning import measure_costs
+    from yoloprune.ultra.models import load_detector
+
+    if args.repeats < 1:
+        raise ConfigError("--repeats must be at least 1.")
+    try:
+        target = LatencyTarget(
+            name="cli", backend=args.backend, device=args.device, precision=args.precision, batch=args.batch,
+            imgsz=args.imgsz, threads=args.threads, url=args.url, remote_backend=args.remote_backend,
+        )  # fmt: skip
+    except ValidationError as e:
+        raise ConfigError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+    models = {path: load_detector(path).eval() for path in args.models}
+    medians: dict[str, list[float]] = {path: [] for path in models}
+    last: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory(prefix="yoloprune-latency-") as tmp:
+        hardware = HardwareEvaluator([target], imgsz=args.imgsz, store=None, workdir=Path(tmp))
+        for _ in range(args.repeats):  # interleaved, so drift hits every model alike
+            for path, model in models.items():
+                _, details = hardware.measure(model, use_cache=False)
+                medians[path].append(details["cli"]["median_ms"])
+                last[path] = details["cli"]
+    reference = float(np.median(medians[args.models[0]]))
+    rows = [
+        {
+            "model": path, "GFLOPs": measure_costs(models[path], args.imgsz).gflops,
+            "median ms": float(np.median(ms)), "p90 ms": last[path]["p90_ms"], "CV": last[path]["cv"],
+            "runs": last[path]["runs"], "ratio": float(np.median(ms)) / reference,
+        }
+        for path, ms in medians.items()
+    ]  # fmt: skip
+    print(f"{args.backend} on {args.device}, {args.precision}, batch {args.batch}, {args.imgsz} px "
+          f"({args.repeats} interleaved repeat(s); ratio: to {args.models[0]})")  # fmt: skip
+    print(format_table(pd.DataFrame(rows)))
     return 0
 
 
