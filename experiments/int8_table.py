@@ -7,8 +7,12 @@
    calibrated on 64 training images, and validated by Ultralytics: mAP50-95 of float vs INT8 files. The
    ``tensorrt`` recipe's file is run by ONNX Runtime here (no TensorRT in this workplace), which checks its
    accuracy, not its speed.
+3. With ``--recipe-variants`` (only): why the ``onnxruntime`` recipe is what it is. yolov8n quantized with
+   signed or unsigned activations, on every operator or on convolutions only, timed by ONNX Runtime on this
+   CPU against fp32, with the seconds each quantization took.
 
     .venv/bin/python experiments/int8_table.py [--imgsz 640] [--repeats 3]
+    .venv/bin/python experiments/int8_table.py --recipe-variants [--imgsz 320]
 """
 
 from __future__ import annotations
@@ -82,13 +86,71 @@ def accuracy_table(workdir: Path) -> pd.DataFrame:
     return frame
 
 
+def recipe_table(imgsz: int, workdir: Path) -> pd.DataFrame:
+    import time
+
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    from yoloprune.deploy.onnx import export_onnx
+    from yoloprune.deploy.quantize import head_decode_nodes, quantize_onnx
+    from yoloprune.evaluators.latency import LatencySpec, get_backend
+    from yoloprune.ultra.models import load_detector
+
+    src = export_onnx(load_detector("yolov8n.yaml").eval(), workdir / "v8n.onnx", imgsz=imgsz)
+    prepared = workdir / "v8n.prepared.onnx"
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    exclude = head_decode_nodes(onnx.load(str(prepared)))
+    x = np.random.default_rng(0).random((1, 3, imgsz, imgsz), dtype=np.float32)
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.feeds = iter([{"images": x}])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.feeds, None)
+
+    variants = {  # (activations, symmetric activations, operators); the shipped recipes are quantize_onnx's
+        "S8S8 symmetric, all operators": (QuantType.QInt8, True, None),
+        "U8S8, Conv only": (QuantType.QUInt8, False, ["Conv"]),
+    }
+    files: dict[str, Path] = {"fp32 (no quantization)": src}
+    seconds: dict[str, float] = {}
+    for name, (activations, symmetric, ops) in variants.items():
+        start = time.perf_counter()
+        quantize_static(
+            str(prepared), str(workdir / f"{name}.onnx"), Reader(), quant_format=QuantFormat.QDQ,
+            activation_type=activations, weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=ops,
+            nodes_to_exclude=exclude, extra_options={"ActivationSymmetric": symmetric, "WeightSymmetric": True},
+        )  # fmt: skip
+        seconds[name], files[name] = time.perf_counter() - start, workdir / f"{name}.onnx"
+    for recipe in ("onnxruntime", "tensorrt"):
+        name = f"shipped {recipe} recipe"
+        start = time.perf_counter()
+        files[name] = quantize_onnx(src, workdir / f"{recipe}.onnx", recipe=recipe)  # type: ignore[arg-type]
+        seconds[name] = time.perf_counter() - start
+    runner = get_backend("onnxruntime")
+    spec = LatencySpec(imgsz=imgsz, precision="int8")
+    reference = runner.measure_file(src, LatencySpec(imgsz=imgsz)).median_ms  # type: ignore[attr-defined]
+    rows = []
+    for name, path in files.items():
+        ms = reference if path == src else runner.measure_file(path, spec).median_ms  # type: ignore[attr-defined]
+        rows.append({"variant": name, "quantize s": seconds.get(name), "median ms": ms, "vs fp32": ms / reference})
+    return pd.DataFrame(rows)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--imgsz", type=int, default=640)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--skip-accuracy", action="store_true", help="latency only (no demo base needed)")
+    p.add_argument("--recipe-variants", action="store_true", help="only the recipe comparison (part 3)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="yoloprune-int8-") as tmp:
+        if args.recipe_variants:
+            print(format_table(recipe_table(args.imgsz, Path(tmp))))
+            return
         print(format_table(latency_table(args.imgsz, args.repeats, Path(tmp))), flush=True)
         if not args.skip_accuracy:
             print(format_table(accuracy_table(Path(tmp))))

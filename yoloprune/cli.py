@@ -238,7 +238,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     import pandas as pd
     from pydantic import ValidationError
 
-    from yoloprune.config import LatencyTarget
+    from yoloprune.config import LatencyTarget, _explain
     from yoloprune.evaluators.hardware import HardwareEvaluator
     from yoloprune.pruning import measure_costs
     from yoloprune.ultra.models import load_detector
@@ -251,7 +251,7 @@ def _cmd_latency(args: argparse.Namespace) -> int:
             imgsz=args.imgsz, threads=args.threads, url=args.url, remote_backend=args.remote_backend,
         )  # fmt: skip
     except ValidationError as e:
-        raise ConfigError("; ".join(err["msg"].removeprefix("Value error, ") for err in e.errors())) from None
+        raise ConfigError("invalid latency options:\n" + _explain(e)) from None
     models = {path: load_detector(path).eval() for path in args.models}
     medians: dict[str, list[float]] = {path: [] for path in models}
     last: dict[str, dict[str, float]] = {}

@@ -70,11 +70,11 @@ def quantize_onnx(
         raise EvaluatorError(f"'{src}' already holds Q/DQ nodes; give the float model to quantize.")
     input_name, shape = _static_input(model, src)
     batches = list(calibration) if calibration is not None else list(_random_batches(shape, seed))
+    if not batches:
+        raise EvaluatorError("no calibration batches: give at least one image.")
     for b in batches:
         if tuple(b.shape) != shape:
             raise EvaluatorError(f"a calibration batch has shape {tuple(b.shape)}; '{src}' takes {shape}.")
-    if not batches:
-        raise EvaluatorError("no calibration batches: give at least one image.")
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -87,8 +87,8 @@ def quantize_onnx(
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="yoloprune-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
         try:
+            quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared),
                 str(dst),
