@@ -83,6 +83,22 @@ def test_head_keeps_its_widths(base):
     assert widths_before == widths_after
 
 
+def test_opt_in_head_prunes_hidden_convs_only(base):
+    from yoloprune.pruning.prune import head_outputs
+
+    pruned = prune(base, {"head": 0.5}, round_to=8)
+    head_before, head_after = base.model[-1], pruned.model[-1]
+    fixed = {id(m) for m in head_outputs(head_before)}
+    names_fixed = {n for n, m in head_before.named_modules() if id(m) in fixed}
+    before, after = _conv_widths(head_before), _conv_widths(head_after)
+    narrowed = {n for n in before if after[n] < before[n]}
+    assert narrowed, "the head's hidden convs were not pruned"
+    assert not any(n == f or n.startswith(f + ".") for n in narrowed for f in names_fixed)
+    assert _conv_widths(base.model[-2]) == _conv_widths(pruned.model[-2])  # nothing outside the head changes
+    with torch.no_grad():
+        assert pruned.eval()(torch.zeros(1, 3, 64, 64))[0].shape == base.eval()(torch.zeros(1, 3, 64, 64))[0].shape
+
+
 def test_attention_block_left_whole(base, caplog):
     names = [type(m).__name__ for m in base.model]
     if "C2PSA" not in names:

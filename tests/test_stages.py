@@ -36,7 +36,8 @@ def test_stages_of_supported_families(family, size):
     assert stages["backbone.p4"].layers == (5, 6)
     for name, layers in EXPECTED[family].items():
         assert stages[name].layers == layers
-    assert not stages["head"].prunable and all(s.prunable for n, s in stages.items() if n != "head")
+    assert not stages["head"].prunable and stages["head"].opt_in
+    assert all(s.prunable for n, s in stages.items() if n != "head")
     covered = sorted(i for s in stages.values() for i in s.layers)
     assert covered == list(range(len(model.model)))
 
@@ -46,4 +47,4 @@ def test_stage_table_shares_add_up():
     assert table["params_%"].sum() == pytest.approx(100, abs=0.5)
     assert table["flops_%"].sum() == pytest.approx(100, abs=0.5)
     assert table.loc[table.stage == "backbone.p3", "out_channels"].item() == "64 64"  # yolov8n: Conv 64, C2f 64
-    assert table.loc[table.stage == "head", "prunable"].item() == False  # noqa: E712
+    assert table.loc[table.stage == "head", "prunable"].item() == "opt-in"

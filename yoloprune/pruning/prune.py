@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable, Mapping
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from yoloprune.errors import ModelError, SearchSpaceError, YoloPruneError, did_you_mean
 from yoloprune.log import get_logger
-from yoloprune.pruning.stages import Stage, check_ratios, find_stages
+from yoloprune.pruning.stages import HEAD, Stage, check_ratios, find_stages
 from yoloprune.ultra.blocks import attention_layers, fold_c2f_blocks, split_c2f_blocks
 from yoloprune.ultra.models import DetectionModel, check_detector, detect_head, layers
 
@@ -40,8 +41,11 @@ def prune(
     """Prune a detection model structurally, one ratio per stage.
 
     Each stage's ratio is the fraction of output channels removed from every prunable conv group whose
-    root lies in that stage; channels coupled by residual adds or splits are removed together, neck
-    concats stay consistent, and the ``Detect`` head keeps its own widths (its inputs follow the neck).
+    root lies in that stage: a layer of ``c`` channels keeps ``c * (1 - ratio)`` rounded to the nearest
+    multiple of ``round_to`` (at least ``round_to``; see :func:`kept_width`). Channels coupled by residual
+    adds or splits are removed together and neck concats stay consistent. The ``Detect`` head keeps its
+    own widths (its inputs follow the neck) unless the opt-in stage ``head`` has a ratio: then its hidden
+    box and class convolutions are pruned, never its final prediction convolutions or the DFL.
     Layers holding self-attention (YOLO11's ``C2PSA``) are left whole, with a logged notice.
 
     Args:
@@ -57,8 +61,8 @@ def prune(
         The pruned model, built from stock Ultralytics modules only.
 
     Raises:
-        SearchSpaceError: unknown stage, the head, a ratio outside [0, 0.95), an unknown importance or a
-            ``round_to`` below 1. Nothing is modified in that case.
+        SearchSpaceError: unknown stage, a ratio outside [0, 0.95), an unknown importance, a ``round_to``
+            below 1, or ``head`` on a head with one-to-one branches. Nothing is modified in that case.
     """
     model = check_detector(model)
     stages = find_stages(model)
@@ -68,12 +72,30 @@ def prune(
     if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
         raise SearchSpaceError(f"round_to must be a whole number >= 1, got {round_to!r}.")
 
+    if _head(ratios):
+        check_head_prunable(model)
     work = model if inplace else copy.deepcopy(model)
     if not any(ratios.values()):
         for p in work.parameters():
             p.requires_grad_(True)  # as a pruned model would be: trainable
         return work
-    return _pruned(work, lambda split: _ratio_per_conv(split, stages, ratios, round_to), importance, round_to, seed)
+    return _pruned(
+        work, lambda split: ratio_per_conv(split, stages, ratios, round_to), importance, seed, prune_head=_head(ratios)
+    )
+
+
+def kept_width(channels: int, ratio: float, round_to: int = 1) -> int:
+    """Output channels a layer of ``channels`` keeps at ``ratio``: ``channels * (1 - ratio)`` rounded to the
+    nearest multiple of ``round_to``, at least ``round_to``.
+
+    Nearest, not floor: Torch-Pruning's own ``round_to`` floors the kept width, so 32 channels at ratio
+    0.25 keep 24 but at 0.2500488 keep 16, and a ratio becomes a discontinuous handle on small layers.
+    Rounding to the nearest multiple never lands more than half a step away from the ratio.
+    """
+    if ratio <= 0.0 or channels <= round_to:
+        return channels
+    kept = math.floor(channels * (1.0 - ratio) / round_to + 0.5) * round_to
+    return max(round_to, min(channels, kept))
 
 
 def prune_like(
@@ -99,10 +121,9 @@ def prune_like(
             raise ModelError(
                 "cannot prune to the reference's widths: it is not a narrower copy of this model's architecture."
             )
-        # Torch-Pruning keeps int(channels * (1 - ratio)) channels: aim half a channel above the target.
-        return {m: 1 - (target[n] + 0.5) / m.out_channels for n, m in mine.items() if target[n] < m.out_channels}
+        return {m: _exact_ratio(m.out_channels, target[n]) for n, m in mine.items() if target[n] < m.out_channels}
 
-    work = _pruned(copy.deepcopy(model), keep_ratios, importance, 1, seed)
+    work = _pruned(copy.deepcopy(model), keep_ratios, importance, seed, prune_head=_head_changed(model, reference))
     if _conv_widths(work) != _conv_widths(reference):
         raise YoloPruneError("internal error: pruning to the reference's widths left different widths.")
     return work
@@ -124,36 +145,69 @@ def _conv_widths(model: nn.Module, *, split: bool = False) -> dict[str, int]:
     return {name: m.out_channels for name, m in model.named_modules() if isinstance(m, nn.Conv2d)}
 
 
+def _exact_ratio(channels: int, kept: int) -> float:
+    """The ratio at which Torch-Pruning (no ``round_to``) keeps exactly ``kept`` of ``channels``.
+
+    It keeps ``int(channels * (1 - ratio))``: aim half a channel above the target.
+    """
+    return 1.0 - (kept + 0.5) / channels
+
+
+def _head(ratios: Mapping[str, float]) -> bool:
+    return ratios.get(HEAD, 0.0) > 0.0
+
+
+def _head_changed(model: nn.Module, reference: nn.Module) -> bool:
+    """True when ``reference`` has narrower Detect-head convolutions than ``model``."""
+    mine = {n: m.out_channels for n, m in detect_head(model).named_modules() if isinstance(m, nn.Conv2d)}
+    theirs = {n: m.out_channels for n, m in detect_head(reference).named_modules() if isinstance(m, nn.Conv2d)}
+    return any(theirs.get(n, c) < c for n, c in mine.items())
+
+
+def dependency_pruner(
+    split: DetectionModel,
+    ratio_dict: dict[nn.Module, float],
+    importance: str = "l1",
+    *,
+    prune_head: bool = False,
+) -> tp.pruner.BasePruner:
+    """Torch-Pruning's pruner over a C2f-split model (in eval mode), with this project's ignored layers.
+
+    One place builds it, so pruning and the cost model (:mod:`yoloprune.pruning.widths`) see the same
+    dependency groups.
+    """
+    device = next(split.parameters()).device
+    return tp.pruner.BasePruner(
+        split,
+        example_inputs=torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device),
+        importance=IMPORTANCES[importance](),
+        pruning_ratio=0.0,  # stages not named are not pruned
+        pruning_ratio_dict=ratio_dict,
+        ignored_layers=ignored_layers(split, prune_head=prune_head),
+        round_to=None,  # kept widths are rounded by kept_width, to the nearest multiple
+        output_transform=_flatten_outputs,
+    )
+
+
 def _pruned(
     work: DetectionModel,
     ratios_for: Callable[[DetectionModel], dict[nn.Module, float]],
     importance: str,
-    round_to: int,
     seed: int | None,
+    *,
+    prune_head: bool = False,
 ) -> DetectionModel:
     """Prune ``work`` in place with Torch-Pruning; ``ratios_for`` gives each conv's ratio on the C2f-split model."""
     was_training = work.training
     work.eval()  # tracing must not update BN statistics
     for p in work.parameters():
         p.requires_grad_(True)  # the dependency graph is traced through autograd
-    split_c2f_blocks(work)
-    ignored = _ignored_layers(work)  # after the split, so the split halves are ignored too
+    split_c2f_blocks(work)  # before the ignored layers are listed, so the split halves are ignored too
     try:
-        device = next(work.parameters()).device
-        example = torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            pruner = tp.pruner.BasePruner(
-                work,
-                example_inputs=example,
-                importance=IMPORTANCES[importance](),
-                pruning_ratio=0.0,  # stages not named are not pruned
-                pruning_ratio_dict=ratios_for(work),
-                ignored_layers=ignored,
-                round_to=round_to if round_to > 1 else None,
-                output_transform=_flatten_outputs,
-            )
+            pruner = dependency_pruner(work, ratios_for(work), importance, prune_head=prune_head)
             try:
                 pruner.step()
             except (IndexError, RuntimeError, ValueError) as e:
@@ -167,8 +221,39 @@ def _pruned(
     return work.train(was_training)
 
 
-def _ignored_layers(model: DetectionModel) -> list[nn.Module]:
-    ignored = [detect_head(model)]
+def head_outputs(head: nn.Module) -> list[nn.Module]:
+    """The Detect head's modules whose output widths the ``head`` stage does not choose: each branch's final
+    prediction conv, the DFL, and a depthwise conv on the head's input (YOLO11's class branch), whose width
+    is the neck's."""
+    fixed: list[nn.Module] = [m for m in (getattr(head, "dfl", None),) if isinstance(m, nn.Module)]
+    for child in head.children():
+        if isinstance(child, nn.ModuleList):
+            for branch in child:
+                last = list(branch.children())[-1] if isinstance(branch, nn.Sequential) else branch
+                fixed.append(last)
+                first = next((m for m in branch.modules() if isinstance(m, nn.Conv2d)), None)
+                if first is not None and first.groups > 1 and first.groups == first.in_channels:
+                    fixed.append(first)
+    return fixed
+
+
+def check_head_prunable(model: DetectionModel) -> None:
+    """Raise :class:`SearchSpaceError` where the opt-in ``head`` stage cannot be pruned safely."""
+    head = detect_head(model)
+    if hasattr(head, "one2one_cv2"):
+        raise SearchSpaceError(
+            f"the '{HEAD}' stage cannot be pruned on {type(head).__name__} heads with one-to-one branches "
+            "(YOLOv10, YOLO26): their training-only branches are not traced. Remove 'head' from the ratios."
+        )
+
+
+def ignored_layers(model: DetectionModel, *, prune_head: bool = False) -> list[nn.Module]:
+    """Modules Torch-Pruning must not narrow: the Detect head (or, with ``prune_head``, its prediction
+    convs and DFL only) and self-attention layers."""
+    head = detect_head(model)
+    if prune_head:
+        check_head_prunable(model)
+    ignored = head_outputs(head) if prune_head else [head]
     for i in attention_layers(layers(model)):
         layer = layers(model)[i]
         LOGGER.info(
@@ -181,24 +266,21 @@ def _ignored_layers(model: DetectionModel) -> list[nn.Module]:
     return ignored
 
 
-def _ratio_per_conv(
-    model: DetectionModel, stages: list[Stage], ratios: dict[str, float], round_to: int
+def ratio_per_conv(
+    model: DetectionModel, stages: list[Stage], ratios: Mapping[str, float], round_to: int
 ) -> dict[nn.Module, float]:
-    """Ratio for every conv of each stage named, capped so ``round_to`` never rounds a layer to zero."""
+    """Torch-Pruning's ratio for every conv of each stage named, so that it keeps :func:`kept_width` channels."""
     per_conv: dict[nn.Module, float] = {}
     for stage in stages:
         ratio = ratios.get(stage.name, 0.0)
-        if not stage.prunable or ratio <= 0.0:
+        if not stage.named_ok or ratio <= 0.0:
             continue
         for i in stage.layers:
             for conv in layers(model)[i].modules():
-                if not isinstance(conv, nn.Conv2d):
-                    continue
-                channels = conv.out_channels
-                if channels <= round_to:
-                    continue  # rounding would leave nothing
-                cap = (channels - round_to) / channels - 1e-9  # keeps at least round_to channels
-                per_conv[conv] = min(ratio, cap)
+                if isinstance(conv, nn.Conv2d):
+                    kept = kept_width(conv.out_channels, ratio, round_to)
+                    if kept < conv.out_channels:
+                        per_conv[conv] = _exact_ratio(conv.out_channels, kept)
     return per_conv
 
 

@@ -31,7 +31,7 @@ def stage_table(model: nn.Module, imgsz: int = 640) -> pd.DataFrame:
                 "params_%": round(100 * params / total_params, 1),
                 f"GFLOPs@{imgsz}": round(stage_flops / 1e9, 3),
                 "flops_%": round(100 * stage_flops / total_flops, 1),
-                "prunable": stage.prunable,
+                "prunable": "yes" if stage.prunable else "opt-in" if stage.opt_in else "no",
             }
         )
     return pd.DataFrame(rows)

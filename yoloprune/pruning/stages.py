@@ -2,7 +2,8 @@
 
 The backbone is split at each stride-2 downsampling (``backbone.p1`` ... ``backbone.p5``, named by the
 stride level ``2**k`` of their output); everything between the backbone and the head is ``neck``; the
-``Detect`` layer is ``head`` and is never pruned. Strides are measured with a forward pass, so any
+``Detect`` layer is ``head``, an opt-in stage: pruned only when named with a ratio, and then only its hidden
+box and class convolutions (never the final prediction convolutions or the DFL). Strides are measured with a forward pass, so any
 Ultralytics detection YAML works, not only the ones named in the README.
 """
 
@@ -29,12 +30,19 @@ class Stage:
     Attributes:
         name: e.g. ``backbone.p3``, ``neck`` or ``head``.
         layers: indices into ``model.model``.
-        prunable: False for the head.
+        prunable: pruned by default (uniform sweeps, ``prune --uniform``); False for the head.
+        opt_in: may be given a ratio although not pruned by default (the head).
     """
 
     name: str
     layers: tuple[int, ...]
     prunable: bool = True
+    opt_in: bool = False
+
+    @property
+    def named_ok(self) -> bool:
+        """True when a ratio may be given for this stage."""
+        return self.prunable or self.opt_in
 
 
 def find_stages(model: nn.Module, probe_size: int = 128) -> list[Stage]:
@@ -60,21 +68,19 @@ def find_stages(model: nn.Module, probe_size: int = 128) -> list[Stage]:
     if current:
         stages.append(Stage(current_name, tuple(current)))
     stages.append(Stage(NECK, tuple(range(n_backbone, n_layers - 1))))
-    stages.append(Stage(HEAD, (n_layers - 1,), prunable=False))
+    stages.append(Stage(HEAD, (n_layers - 1,), prunable=False, opt_in=True))
     return stages
 
 
-def prunable_stage_names(model: nn.Module) -> list[str]:
-    """Names of the stages a ratio may be given for (all but the head)."""
-    return [s.name for s in find_stages(model) if s.prunable]
+def prunable_stage_names(model: nn.Module, *, opt_in: bool = False) -> list[str]:
+    """Names of the stages pruned by default (all but the head); with ``opt_in``, every stage a ratio may name."""
+    return [s.name for s in find_stages(model) if s.prunable or (opt_in and s.opt_in)]
 
 
 def check_ratios(ratios: dict[str, float], stages: Sequence[Stage]) -> None:
-    """Raise :class:`SearchSpaceError` for an unknown stage, the head, or a ratio outside [0, 0.95)."""
-    names = [s.name for s in stages if s.prunable]
+    """Raise :class:`SearchSpaceError` for an unknown stage or a ratio outside [0, 0.95)."""
+    names = [s.name for s in stages if s.named_ok]
     for name, ratio in ratios.items():
-        if name == HEAD:
-            raise SearchSpaceError("the Detect head is never pruned; remove 'head' from the ratios.")
         if name not in names:
             raise SearchSpaceError(
                 f"unknown stage '{name}'.{did_you_mean(name, names)} Valid stages for this model: {', '.join(names)}."

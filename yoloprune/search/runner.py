@@ -81,7 +81,7 @@ def prepare(config: ExperimentConfig) -> Experiment:
     data = inspect_dataset(_resolve(config.data, device))
     base, model_key = _load_model(config.model, data, device)
     check_classes(base, data)
-    config.space.check_stages(prunable_stage_names(base))
+    config.space.check_stages(prunable_stage_names(base, opt_in=True))
     experiment_id = store.experiment_id(config.name, config.model_dump(mode="json"))
     return Experiment(config, data, base, model_key, device, store, experiment_id)
 

@@ -100,7 +100,7 @@ class SearchSpace(BaseModel):
         """Raise :class:`SearchSpaceError` for a stage the model does not have (or the head)."""
         for name in self.ratios:
             if name not in stage_names:
-                hint = " The Detect head is never pruned." if name == "head" else did_you_mean(name, stage_names)
+                hint = did_you_mean(name, stage_names)
                 raise SearchSpaceError(
                     f"search space names stage '{name}', which this model does not have.{hint} "
                     f"Valid stages: {', '.join(stage_names)}."
