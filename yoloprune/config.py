@@ -74,12 +74,86 @@ class FinetuneConfig(_Section):
         return self
 
 
+class ScreenConfig(_Section):
+    """Cheap screening before the proxy fine-tunes (EagleEye's adaptive-BN evaluation).
+
+    ``candidates`` allocations, drawn at random and put on the cost target, are each pruned, their BN
+    statistics re-estimated and validated on ``images`` validation images (seconds each); only the best
+    ``keep`` by that score get the proxy fine-tune, as the search's first trials.
+    """
+
+    candidates: int = Field(200, ge=2)
+    keep: int = Field(8, ge=1)
+    images: int = Field(64, ge=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _keep_fewer(self) -> ScreenConfig:
+        if self.keep > self.candidates:
+            raise ValueError(f"keep ({self.keep}) must not exceed candidates ({self.candidates}): screening keeps the best of them")
+        return self
+
+
+class CostTarget(_Section):
+    """Where every candidate's cost must land: ``{metric: flops_reduction, value: 0.5, tolerance: 0.01}``.
+
+    Attributes:
+        metric: ``flops_reduction``, ``params_reduction`` or ``latency_reduction.<target>`` (a configured
+            latency target).
+        value: the reduction to reach, in (0, 1), or a list of them for a front at several budgets.
+        tolerance: how far (absolute) a candidate's achieved reduction may lie from the value.
+        max_measurements: for a latency metric, real measurements per candidate to confirm (and correct)
+            the latency model's projection.
+    """
+
+    metric: str
+    value: float | list[float]
+    tolerance: float = Field(0.01, gt=0, lt=0.5)
+    max_measurements: int = Field(3, ge=1)
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v in ("flops_reduction", "params_reduction") or (v.startswith("latency_reduction.") and v.split(".", 1)[1]):
+            return v
+        options = ["flops_reduction", "params_reduction", "latency_reduction.<target>"]
+        raise ValueError(f"unknown cost_target metric '{v}'.{did_you_mean(v, options)} Known: {', '.join(options)}")
+
+    @field_validator("value")
+    @classmethod
+    def _fractions(cls, v: float | list[float]) -> float | list[float]:
+        values = v if isinstance(v, list) else [v]
+        if not values or any(not 0.0 < x < 1.0 for x in values):
+            raise ValueError(f"cost_target value(s) {values} must lie in (0, 1): a reduction, e.g. 0.5 for half the FLOPs")
+        if len(set(values)) != len(values):
+            raise ValueError(f"cost_target values repeat: {values}")
+        return v
+
+    @property
+    def values(self) -> list[float]:
+        return list(self.value) if isinstance(self.value, list) else [self.value]
+
+    @property
+    def latency_target(self) -> str | None:
+        return latency_target_of(self.metric)
+
+
+#: Search methods (``engine.sampler``): Optuna samplers over allocations, and the two without a sampler.
+SAMPLERS = ("tpe", "cmaes", "nsga2", "random", "grid")
+METHODS = (*SAMPLERS, "uniform", "sensitivity")
+
+
 class EngineConfig(_Section):
     """Which search engine samples candidates, and how.
 
     Attributes:
         name: ``optuna`` (embedded; NNI comes as a second engine).
-        sampler: ``tpe``, ``nsga2``, ``random`` or ``grid``.
+        sampler: the search method: an Optuna sampler over allocations (``tpe``, ``cmaes``, ``nsga2``,
+            ``random``, ``grid``), ``uniform`` (one ratio on every searched stage, at each cost target) or
+            ``sensitivity`` (per-stage sensitivity curves after BN re-estimation, then one global
+            trade-off bisected to each cost target, as ModelOpt's FastNAS). The last two need a
+            ``cost_target``. See :mod:`yoloprune.search.methods`.
+        screen: cheap screening of many candidates before the proxy fine-tunes (needs a ``cost_target``).
         seed: sampler seed (None: random).
         pruner: stop hopeless trials on their per-epoch mAP: ``none``, ``median``, ``successive_halving``
             or ``hyperband``.
@@ -94,7 +168,8 @@ class EngineConfig(_Section):
     """
 
     name: Literal["optuna"] = "optuna"
-    sampler: Literal["tpe", "nsga2", "random", "grid"] = "tpe"
+    sampler: str = "tpe"
+    screen: ScreenConfig | None = None
     seed: int | None = 0
     pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
     startup_trials: int = Field(4, ge=0)
@@ -103,6 +178,13 @@ class EngineConfig(_Section):
     heartbeat_s: int = Field(10, ge=1)
     grace_s: int = Field(60, ge=2)
     max_retries: int = Field(2, ge=0)
+
+    @field_validator("sampler")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown search method '{v}'.{did_you_mean(v, METHODS)} Known: {', '.join(METHODS)}")
+        return v
 
     @model_validator(mode="after")
     def _grace_after_heartbeat(self) -> EngineConfig:
@@ -216,6 +298,9 @@ class ExperimentConfig(_Section):
             target's latency, or GFLOPs when no target is configured).
         constraints: hard limits (default: relative mAP50-95 drop <= 2%, FLOPs reduction >= 50%).
         targets: latency targets measured for every candidate (right after pruning, before fine-tuning).
+        cost_target: put every candidate on this cost (FLOPs, params or latency reduction) before it is
+            evaluated, so that the search compares allocations at equal cost; uniform pruning at the target
+            is always candidate 0.
         reward: the scalar reward that ranks trials.
         engine: sampler, seed and pruner.
         budget: trial count and/or time budget.
@@ -233,6 +318,7 @@ class ExperimentConfig(_Section):
     objectives: list[Objective] = Field(default_factory=_default_objectives, min_length=1)
     constraints: list[Constraint] = Field(default_factory=_default_constraints)
     targets: list[LatencyTarget] = Field(default_factory=list)
+    cost_target: CostTarget | None = None
     reward: RewardConfig = Field(default_factory=RewardConfig)
     engine: EngineConfig = Field(default_factory=EngineConfig)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
@@ -264,12 +350,21 @@ class ExperimentConfig(_Section):
         targets = [t.name for t in self.targets]
         if len(set(targets)) != len(targets):
             raise ValueError(f"latency target names repeat: {targets}")
-        for metric in [*names, *(c.metric for c in self.constraints), self.reward.cost]:
+        targeted = [self.cost_target.metric] if self.cost_target else []
+        for metric in [*names, *(c.metric for c in self.constraints), self.reward.cost, *targeted]:
             target = latency_target_of(metric)
             if target is not None and target not in targets:
                 raise ValueError(
                     f"metric '{metric}' names latency target '{target}', which is not configured "
                     f"(targets: {', '.join(targets) or 'none'}); add it under targets:"
+                )
+        if self.cost_target is None:
+            needs = [x for x in (self.engine.sampler,) if x in ("uniform", "sensitivity")]
+            if needs or self.engine.screen is not None:
+                what = f"engine.sampler '{needs[0]}'" if needs else "engine.screen"
+                raise ValueError(
+                    f"{what} needs a cost_target (candidates are compared at equal cost), e.g. "
+                    "cost_target: {metric: flops_reduction, value: 0.5}"
                 )
         return self
 
