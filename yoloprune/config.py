@@ -90,7 +90,9 @@ class ScreenConfig(_Section):
     @model_validator(mode="after")
     def _keep_fewer(self) -> ScreenConfig:
         if self.keep > self.candidates:
-            raise ValueError(f"keep ({self.keep}) must not exceed candidates ({self.candidates}): screening keeps the best of them")
+            raise ValueError(
+                f"keep ({self.keep}) must not exceed candidates ({self.candidates}): screening keeps the best of them"
+            )
         return self
 
 
@@ -124,7 +126,9 @@ class CostTarget(_Section):
     def _fractions(cls, v: float | list[float]) -> float | list[float]:
         values = v if isinstance(v, list) else [v]
         if not values or any(not 0.0 < x < 1.0 for x in values):
-            raise ValueError(f"cost_target value(s) {values} must lie in (0, 1): a reduction, e.g. 0.5 for half the FLOPs")
+            raise ValueError(
+                f"cost_target value(s) {values} must lie in (0, 1): a reduction, e.g. 0.5 for half the FLOPs"
+            )
         if len(set(values)) != len(values):
             raise ValueError(f"cost_target values repeat: {values}")
         return v

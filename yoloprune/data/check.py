@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,36 @@ class DatasetInfo:
         out = folder / f"{self.yaml_path.stem}.resolved.yaml"
         out.write_text(yaml.safe_dump(self.resolved, sort_keys=False))
         return out
+
+
+def split_images(info: DatasetInfo, split: str) -> list[Path]:
+    """Every image file of the dataset's ``split`` (``train`` or ``val``), in a stable order."""
+    entries = info.resolved[split]
+    files: list[Path] = []
+    for item in entries if isinstance(entries, list) else [entries]:
+        p = Path(str(item))
+        p = p if p.is_absolute() else info.root / p
+        if p.is_dir():
+            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
+        elif p.is_file():
+            lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
+            files.extend((info.root / line) if not Path(line).is_absolute() else Path(line) for line in lines)
+    return files
+
+
+def val_subset(info: DatasetInfo, images: int, folder: Path) -> DatasetInfo:
+    """The dataset with its val split cut to ``images`` images spread evenly over it (all if it has fewer).
+
+    The subset is a list file in ``folder``; Ultralytics finds each image's label as usual.
+    """
+    files = split_images(info, "val")
+    if len(files) > images:
+        step = len(files) / images
+        files = [files[int(i * step)] for i in range(images)]
+    folder.mkdir(parents=True, exist_ok=True)
+    listing = folder / f"val_subset_{len(files)}.txt"
+    listing.write_text("".join(f"{f.resolve()}\n" for f in files))
+    return replace(info, n_val=len(files), resolved={**info.resolved, "val": str(listing)})
 
 
 def inspect_dataset(data_yaml: str | Path) -> DatasetInfo:

@@ -120,7 +120,7 @@ def export_trial(
     if int8 and dynamic:
         raise ConfigError("--int8 quantizes a static-batch ONNX; drop --dynamic.")
     exp = prepare(config)
-    candidate = config.space.candidate_from_params(trial.params)
+    candidate = config.space.candidate_of(trial.params, trial.user_attrs)
     output.mkdir(parents=True, exist_ok=True)
     stem = f"{config.name}-trial{trial.number}"
     start = time.perf_counter()
@@ -198,6 +198,8 @@ def export_trial(
         "versions": _versions(),
         "seconds": time.perf_counter() - start,
     }
+    if config.cost_target is not None:
+        card["versus_uniform"] = _versus_uniform(config, trial)
     engine_path = _build_engine(model, output / f"{stem}.fp16.engine", onnx_path, config.imgsz) if engine else None
     int8_path = int8_engine = None
     if int8:
@@ -306,6 +308,37 @@ def _int8_lines(int8: dict[str, Any] | None) -> list[str]:
     ]
 
 
+def _versus_uniform(config: ExperimentConfig, trial: FrozenTrial) -> dict[str, Any]:
+    """The search's comparison with uniform pruning at this trial's cost-target value (proxy fine-tunes)."""
+    from yoloprune.search.optuna_engine import open_study
+    from yoloprune.search.results import trials_frame, versus_uniform
+
+    target = trial.user_attrs.get("target", {})
+    table = versus_uniform(trials_frame(open_study(config, create=False)))
+    row = table[table["target"] == target.get("value")]
+    out: dict[str, Any] = {"cost_target": target, "proxy_epochs": config.finetune.epochs}
+    if not row.empty:
+        out.update({k: v for k, v in row.iloc[0].to_dict().items() if v is not None})
+    return out
+
+
+def _versus_lines(versus: dict[str, Any] | None) -> list[str]:
+    if not versus or "uniform mAP50-95" not in versus:
+        return []
+    target = versus["cost_target"]
+    line = (
+        f"At the search's cost target ({target.get('metric')} {target.get('value')}, this trial achieved "
+        f"{target.get('achieved', float('nan')):.4f}), after {versus['proxy_epochs']}-epoch proxy fine-tunes: uniform "
+        f"pruning (trial {versus['uniform trial']}) scored mAP50-95 {versus['uniform mAP50-95']:.4f}"
+    )
+    if "best mAP50-95" in versus:
+        line += (
+            f", the best searched candidate (trial {versus['best trial']}) {versus['best mAP50-95']:.4f} "
+            f"({versus.get('gain', 0.0):+.4f})"
+        )
+    return [line + ".", ""]
+
+
 def _markdown(card: dict[str, Any]) -> str:
     before, after = card["before"], card["after"]
     rows = [
@@ -327,6 +360,7 @@ def _markdown(card: dict[str, Any]) -> str:
         f"{card['candidate']['importance']}; channels rounded to multiples of {card['candidate']['round_to']}. "
         f"Fine-tuned {card['finetune']['epochs']} epochs.",
         "",
+        *_versus_lines(card.get("versus_uniform")),
         "| metric | before | after |",
         "|---|---|---|",
         *(

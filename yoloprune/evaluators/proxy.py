@@ -121,6 +121,20 @@ class ProxyEvaluator:
         raw = {**raw_metrics(val, costs), **{k: v for k, v in cost_metrics.items() if k.startswith("latency_ms.")}}
         return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
 
+    def screen_score(self, candidate: Candidate, subset: DatasetInfo) -> tuple[float, float]:
+        """EagleEye's cheap score of a candidate: prune, re-estimate BN, validate on ``subset`` (a few val images).
+
+        Returns (mAP50-95 on the subset, seconds). No fine-tune and no latency: it ranks candidates that
+        already sit on the same cost.
+        """
+        start = time.perf_counter()
+        model: nn.Module = prune(
+            self.base, candidate.ratios, importance=candidate.importance, round_to=candidate.round_to
+        )
+        self._recalibrate_bn(model, {})
+        val = validate(model, subset, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
+        return val.map50_95, time.perf_counter() - start
+
     def _recalibrate_bn(self, model: nn.Module, timings: dict[str, float]) -> None:
         """Re-estimate BN statistics of a freshly pruned ``model`` in place (``finetune.bn_batches``; 0: off)."""
         if self.cfg.bn_batches > 0:

@@ -15,6 +15,7 @@ To add a method, register its family::
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +27,9 @@ from yoloprune.errors import ConfigError, did_you_mean
 from yoloprune.pruning.widths import CostModel
 from yoloprune.search.targets import (
     Family,
-    LatencyModel,
     Lander,
     Landing,
+    LatencyModel,
     bounds_family,
     fixed,
     land_on_latency,
@@ -81,7 +82,9 @@ def method_names() -> list[str]:
 def get_method(name: str) -> Method:
     """The registered method ``name``; an unknown name lists the known ones."""
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown search method '{name}'.{did_you_mean(name, _REGISTRY)} Known: {', '.join(_REGISTRY)}")
+        raise ConfigError(
+            f"unknown search method '{name}'.{did_you_mean(name, _REGISTRY)} Known: {', '.join(_REGISTRY)}"
+        )
     return _REGISTRY[name]
 
 
@@ -131,9 +134,7 @@ def sensitivity_family(ctx: MethodContext) -> Family:
             rows.append((ratio, _interpolate(points, ratio), saved))
         options[name] = rows
     slopes = sorted(
-        (rows[-1][1] - rows[0][1]) / (rows[-1][2] - rows[0][2])
-        for rows in options.values()
-        if rows[-1][2] > rows[0][2]
+        (rows[-1][1] - rows[0][1]) / (rows[-1][2] - rows[0][2]) for rows in options.values() if rows[-1][2] > rows[0][2]
     )
     scale = max(slopes[len(slopes) // 2], 1e-3) if slopes else 1.0
 
@@ -147,7 +148,7 @@ def sensitivity_family(ctx: MethodContext) -> Family:
 
 
 def _interpolate(points: list[tuple[float, float]], x: float) -> float:
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
         if x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     (x0, y0), (x1, y1) = points[-2], points[-1]
@@ -266,3 +267,38 @@ class Targeting:
         flops_ratio = 1.0 - self.costs.cost(full, round_to).flops_reduction
         self.latency.add(flops_ratio, 1.0 - reduction)
         return reduction
+
+
+def enqueue_at_targets(study: optuna.Study, targeting: Targeting, method: str) -> list[float]:
+    """Queue ``method``'s candidate at every target value not queued before (``uniform``, ``sensitivity``:
+    one deterministic candidate per value); returns the values queued now.
+
+    The trial's parameters are the landed allocation moved onto the space's grid; the trial lands again
+    along ``method``'s family when it runs (tagged by the ``method`` attribute), so it is on its target.
+    """
+    space = targeting.space
+    done = {
+        float(t.user_attrs["target_value"])
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("method") == method and "target_value" in t.user_attrs
+    }
+    round_to = targeting.round_to_choices()[0]
+    middle = {n: (r.low + r.high) / 2 for n, r in searched(space).items()}
+    queued = []
+    for value in targeting.values:
+        if value in done:
+            continue
+        importance = space.importance if isinstance(space.importance, str) else space.importance[0]
+        landing = targeting.land(method, Candidate({**fixed(space), **middle}, importance, round_to), value)
+        params: dict[str, Any] = space.snap(
+            {
+                **{f"ratio.{n}": v for n, v in landing.ratios.items()},
+                "importance": importance,
+                "round_to": round_to,
+            }
+        )
+        if len(targeting.values) > 1:
+            params[TARGET_PARAM] = value
+        study.enqueue_trial(params, user_attrs={"method": method, "target_value": value}, skip_if_exists=False)
+        queued.append(value)
+    return queued

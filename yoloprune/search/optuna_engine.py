@@ -42,8 +42,14 @@ def set_constraints(trial: optuna.Trial, values: list[float]) -> None:
     )
 
 
-def make_sampler(engine: EngineConfig, space: SearchSpace, worker: int = 0) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    engine: EngineConfig, space: SearchSpace, worker: int = 0, target_values: list[float] | None = None
+) -> optuna.samplers.BaseSampler:
     """The sampler named in the config. TPE and NSGA-II see the constraints (:func:`set_constraints`).
+
+    ``uniform`` and ``sensitivity`` queue all their candidates: a random sampler only answers parameters
+    a queued trial does not fix. ``target_values``: the cost target's values when it lists several (a
+    categorical parameter of every trial).
 
     ``worker`` (a worker id, unique in the database) shifts the seed, so workers sharing a study do not
     all propose the same candidates; a fresh database gives the same ids, hence the same seeds.
@@ -57,9 +63,17 @@ def make_sampler(engine: EngineConfig, space: SearchSpace, worker: int = 0) -> o
         )
     if engine.sampler == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    if engine.sampler == "random":
+    if engine.sampler == "cmaes":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=engine.startup_trials)
+    if engine.sampler != "grid":  # random, and the methods that queue their candidates
         return optuna.samplers.RandomSampler(seed=seed)
-    grid = space.grid()
+    grid: dict[str, list[Any]] = space.grid()
+    if target_values and len(target_values) > 1:
+        from yoloprune.search.methods import TARGET_PARAM
+
+        grid[TARGET_PARAM] = list(target_values)
     if not grid:
         raise ConfigError("engine.sampler 'grid' needs at least one searched (not fixed) parameter.")
     return optuna.samplers.GridSampler(grid, seed=seed)
@@ -95,7 +109,9 @@ def open_study(config: ExperimentConfig, *, create: bool = True, worker: int = 0
             raise ConfigError(
                 f"no search named '{config.name}' in {config.storage_url}. Run `yoloprune search CONFIG` first."
             ) from None
-    sampler = make_sampler(config.engine, config.space, worker)
+    sampler = make_sampler(
+        config.engine, config.space, worker, config.cost_target.values if config.cost_target else None
+    )
     try:
         study = optuna.create_study(
             study_name=config.name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True

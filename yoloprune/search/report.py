@@ -92,7 +92,9 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
 
     fidelity = stored_fidelity(study)
     note = describe(fidelity) if fidelity else "proxy fidelity not measured (yoloprune fidelity CONFIG)"
-    path.write_text(_page(config, trials, front, counts, base, figures, note))
+    path.write_text(
+        _page(config, trials, front, counts, base, figures, note, _versus_html(config, study, trials, base))
+    )
     return Report(path, csv, list(figures), trial)
 
 
@@ -242,6 +244,34 @@ def _drop(before: float | None, after: float) -> float:
     return 1.0 - after / before if before else 0.0
 
 
+def _versus_html(config: ExperimentConfig, study: Any, trials: pd.DataFrame, base: dict[str, Any]) -> str:
+    """The cost-target section: best searched candidate against uniform, screening agreement, head per-class AP."""
+    from yoloprune.search import screening
+    from yoloprune.search.results import describe_versus_uniform, per_class_change, versus_uniform
+
+    if config.cost_target is None:
+        return ""
+    esc = html.escape
+    table = versus_uniform(trials)
+    parts = [
+        f"<h2 id='versus-uniform'>Against uniform pruning at the same {esc(config.cost_target.metric)}</h2>",
+        "<ul>"
+        + "".join(f"<li>{esc(line)}</li>" for line in describe_versus_uniform(table, config.cost_target.metric))
+        + "</ul>",
+        f"<div class='scroll'>{table.to_html(index=False, classes='table', na_rep='', border=0)}</div>",
+    ]
+    screened = study.user_attrs.get(screening.FIDELITY_ATTR)
+    if screened:
+        parts.append(f"<p>{esc(screening.describe(screened))}</p>")
+    if "ratio.head" in trials and (trials["ratio.head"].fillna(0) > 0).any() and not table.empty:
+        best = table["best trial"].dropna()
+        if not best.empty:
+            change = per_class_change(study, int(best.iloc[0]), base)
+            parts.append(f"<h3>Per-class AP50-95 of trial {int(best.iloc[0])} (prunes the head)</h3>")
+            parts.append(change.to_html(index=False, classes="table", na_rep="", border=0))
+    return "\n".join(parts)
+
+
 def _page(
     config: ExperimentConfig,
     trials: pd.DataFrame,
@@ -250,6 +280,7 @@ def _page(
     base: dict[str, Any],
     figures: dict[str, go.Figure],
     fidelity: str,
+    versus: str = "",
 ) -> str:
     esc = html.escape
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
@@ -288,6 +319,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px
 <dt>Constraints (feasible)</dt><dd>{esc(constraints)}</dd>
 <dt>Proxy fidelity</dt><dd>{esc(fidelity)}</dd>
 </dl>
+{versus}
 {plots}
 <h2>Pareto front</h2><div class="scroll">{front_html}</div>
 <h2>All trials</h2><p>Also in <code>trials.csv</code> beside this report.</p><div class="scroll">{table}</div>

@@ -30,6 +30,12 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
             "finetuned": attrs.get("finetuned"),
             "reward": attrs.get("reward"),
             "uniform": attrs.get("uniform"),
+            "method": attrs.get("method"),
+            "cost_target": attrs.get("target", {}).get("value"),
+            "achieved": attrs.get("target", {}).get("achieved"),
+            "on_target": attrs.get("target", {}).get("on_target"),
+            "screen_rank": attrs.get("screen_rank"),
+            "screen_score": attrs.get("screen_score"),
             "warm_start": attrs.get("warm_start"),
             "duplicate_of": attrs.get("duplicate_of"),
             "retry_of": attrs.get("retry_of"),
@@ -72,14 +78,79 @@ def summary_counts(trials: pd.DataFrame) -> dict[str, int]:
     }
 
 
+def versus_uniform(trials: pd.DataFrame) -> pd.DataFrame:
+    """Per cost-target value: uniform pruning's mAP50-95 there, the best other candidate's, and the gain.
+
+    Only complete trials that landed on their target count; duplicates count as the trial they copy.
+    """
+    cols = ["target", "uniform trial", "uniform mAP50-95", "best trial", "best method", "best mAP50-95",
+            "gain", "gain_%", "candidates"]  # fmt: skip
+    if trials.empty or "cost_target" not in trials or trials["cost_target"].isna().all():
+        return pd.DataFrame(columns=cols)
+    ok = trials[(trials["state"] == "complete") & (trials["on_target"] == True)]  # noqa: E712
+    rows = []
+    for value in sorted(ok["cost_target"].dropna().unique()):
+        at = ok[ok["cost_target"] == value]
+        uni, others = at[at["method"] == "uniform"], at[at["method"] != "uniform"]
+        row: dict[str, Any] = {"target": value, "candidates": len(others)}
+        if not uni.empty:
+            u = uni.sort_values("trial").iloc[0]
+            row.update({"uniform trial": int(u["trial"]), "uniform mAP50-95": float(u["map50_95"])})
+        if not others.empty:
+            b = others.loc[others["map50_95"].astype(float).idxmax()]
+            row.update(
+                {"best trial": int(b["trial"]), "best method": b["method"], "best mAP50-95": float(b["map50_95"])}
+            )
+        if "uniform mAP50-95" in row and "best mAP50-95" in row:
+            row["gain"] = row["best mAP50-95"] - row["uniform mAP50-95"]
+            base = row["uniform mAP50-95"]
+            row["gain_%"] = round(100 * row["gain"] / base, 1) if base > 0 else None
+        rows.append(row)
+    return pd.DataFrame(rows, columns=cols).round(4).replace({np.nan: None})
+
+
+def describe_versus_uniform(table: pd.DataFrame, metric: str) -> list[str]:
+    """Plain sentences for :func:`versus_uniform`, one per target value."""
+    lines = []
+    for _, r in table.iterrows():
+        if r["uniform mAP50-95"] is None:
+            lines.append(f"at {metric} {r['target']}: uniform pruning not evaluated yet")
+        elif r["best mAP50-95"] is None:
+            lines.append(f"at {metric} {r['target']}: uniform mAP50-95 {r['uniform mAP50-95']:.4f} (trial "
+                         f"{r['uniform trial']}); no searched candidate yet")  # fmt: skip
+        else:
+            verdict = "beats" if r["gain"] > 0 else "ties" if r["gain"] == 0 else "loses to"
+            lines.append(
+                f"at {metric} {r['target']}: best searched (trial {r['best trial']}, {r['best method']}) mAP50-95 "
+                f"{r['best mAP50-95']:.4f} {verdict} uniform {r['uniform mAP50-95']:.4f} (trial {r['uniform trial']}) "
+                f"by {r['gain']:+.4f}"
+                + (f" ({r['gain_%']:+.1f}%)" if r["gain_%"] is not None else "")
+                + f", best of {r['candidates']} candidate(s)"
+            )
+    return lines
+
+
+def per_class_change(study: optuna.Study, trial: int, baseline: dict[str, Any]) -> pd.DataFrame:
+    """Per-class AP50-95 of ``trial`` against the baseline's: what pruning the head costs each class."""
+    t = study.get_trials(deepcopy=False)[trial]
+    before, after = baseline.get("per_class", {}), t.user_attrs.get("per_class", {})
+    rows = [
+        {"class": name, "baseline AP50-95": before.get(name), f"trial {trial} AP50-95": ap,
+         "change_%": round(100 * (ap / before[name] - 1), 1) if before.get(name) else None}
+        for name, ap in after.items()
+    ]  # fmt: skip
+    return pd.DataFrame(rows).round(4).replace({np.nan: None})
+
+
 def front_table(front: pd.DataFrame) -> pd.DataFrame:
     """The front's columns as users read them: ratios, mAP, drop, FLOPs and params reduction."""
     ratio_cols = [c for c in front.columns if c.startswith("ratio.")]
     latency_cols = [c for c in front.columns if c.startswith(("latency_ms.", "latency_ratio."))]
-    cols = ["trial", "uniform", *ratio_cols, "importance", "round_to", "map50_95", "map50_95_drop", "gflops",
-            "flops_reduction", "params_reduction", *latency_cols, "reward"]  # fmt: skip
-    if "uniform" in front.columns and front["uniform"].isna().all():
-        cols.remove("uniform")  # no uniform baseline in this search
+    cols = ["trial", "method", "uniform", "cost_target", *ratio_cols, "importance", "round_to", "map50_95",
+            "map50_95_drop", "gflops", "flops_reduction", "params_reduction", *latency_cols, "reward"]  # fmt: skip
+    for optional in ("method", "uniform", "cost_target"):
+        if optional in front.columns and front[optional].isna().all():
+            cols.remove(optional)  # no uniform baseline, no cost target in this search
     table = front[[c for c in cols if c in front.columns]].copy()
     table.columns = [c.removeprefix("ratio.") for c in table.columns]
     for c in ("map50_95_drop", "flops_reduction", "params_reduction"):
@@ -144,8 +215,21 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
         if fidelity
         else "proxy fidelity: not measured (`yoloprune fidelity CONFIG` re-trains top and random trials)"
     )
+    from yoloprune.search import screening
+
+    screened = study.user_attrs.get(screening.FIDELITY_ATTR)
+    if screened:
+        lines.append(screening.describe(screened))
+    if config.cost_target is not None:
+        lines.append(f"against uniform pruning at the same {config.cost_target.metric}:")
+        lines.extend(f"  {line}" for line in describe_versus_uniform(versus_uniform(trials), config.cost_target.metric))
+    head_trials = [c for c in trials.columns if c == "ratio.head"]
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
     front = pareto_front(trials, config)
+    if head_trials and base and not front.empty and (front["ratio.head"].fillna(0) > 0).any():
+        best = int(front["trial"].iloc[0])
+        lines.append(f"per-class AP50-95 of trial {best}, which prunes the head (rare classes suffer first):")
+        lines.append(format_table(per_class_change(study, best, base)))
     if show_all:
         lines.append(format_table(trials))
     elif front.empty:

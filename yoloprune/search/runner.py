@@ -30,6 +30,7 @@ from yoloprune.evaluators.hardware import HardwareEvaluator
 from yoloprune.evaluators.proxy import ProxyEvaluator
 from yoloprune.log import get_logger
 from yoloprune.pruning import prunable_stage_names
+from yoloprune.search.methods import Targeting, enqueue_at_targets, get_method
 from yoloprune.search.objectives import relative_metrics, reward, violations
 from yoloprune.search.optuna_engine import (
     EpochReporter,
@@ -42,6 +43,7 @@ from yoloprune.search.optuna_engine import (
     set_user_attrs,
 )
 from yoloprune.search.sensitivity import enqueue_warm_start
+from yoloprune.search.targets import uniform_ratio
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.spaces import Candidate
 from yoloprune.storage import Store, file_sha256
@@ -103,6 +105,10 @@ def run_search(
     for ratio in uniform:
         uniform_params(config, ratio)  # a bad ratio fails before any training
     exp = prepare(config)
+    targeting = None
+    if config.cost_target is not None and config.cost_target.latency_target is None:
+        targeting = Targeting(config, exp.base)
+        targeting.check()  # an unreachable target or a too-fine tolerance fails before the baseline and training
     worker = exp.store.register_worker(exp.experiment_id)
     study = open_study(config, worker=worker)  # its own sampler seed: workers started together differ
     if uniform:
@@ -119,17 +125,29 @@ def run_search(
     with ultralytics_quiet(not verbose):
         session = start_session(exp, study)
         evaluator, baseline = session.evaluator, session.baseline
+        if config.cost_target is not None:
+            targeting = targeting or session_targeting(session)
+            prepare_method(session, study, targeting, progress=progress)
         budget = config.budget.trials
         done = finished_count(study)
         remaining = None if budget is None else max(0, budget - done)
+        if not get_method(config.engine.sampler).samples:  # uniform, sensitivity: only their queued candidates
+            waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+            remaining = waiting if remaining is None else min(remaining, waiting)
         if remaining == 0:
-            LOGGER.info("budget of %d finished trials already reached; nothing to do", budget)
+            LOGGER.info("budget of %s finished trials already reached; nothing to do", budget)
+            _after_search(study)
             return study
         objective = _Objective(
-            exp, evaluator, baseline, EpochReporter(study, make_pruner(config.engine, config.finetune.epochs)), progress
+            exp,
+            evaluator,
+            baseline,
+            EpochReporter(study, make_pruner(config.engine, config.finetune.epochs)),
+            progress,
+            targeting=targeting,
         )
         bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
-        stopper = _Stopper(budget, bar, exp.store, worker)
+        stopper = _Stopper(done + remaining if remaining is not None else None, bar, exp.store, worker)
         state = "interrupted"
         reaper = _Reaper(study, config.engine.heartbeat_s)
         with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]), reaper:
@@ -146,7 +164,68 @@ def run_search(
             finally:
                 bar.close()
                 exp.store.update_worker(worker, trials=stopper.trials, state=state)
+        _after_search(study)
     return study
+
+
+def session_targeting(session: Session) -> Targeting:
+    """The session's targeting; a latency cost target measures on the session's hardware evaluator."""
+    config, exp = session.exp.config, session.exp
+    target = config.cost_target
+    assert target is not None
+    name = target.latency_target
+    if name is None:
+        targeting = Targeting(config, exp.base)
+        targeting.check()
+        return targeting
+    hardware = session.evaluator.hardware
+    if hardware is None:
+        raise LatencyTargetError(f"cost_target {target.metric} needs latency target '{name}', which is not measured.")
+    key = f"latency_ms.{name}"
+
+    def measure(ratios: dict[str, float], round_to: int) -> float:
+        from yoloprune.pruning import prune
+
+        importance = config.space.importance if isinstance(config.space.importance, str) else config.space.importance[0]
+        measured, _ = hardware.measure(prune(exp.base, ratios, importance=importance, round_to=round_to))
+        return 1.0 - measured[key] / session.baseline[key]
+
+    targeting = Targeting(config, exp.base, measure_latency=measure)
+    targeting.calibrate()
+    targeting.check()
+    return targeting
+
+
+def prepare_method(session: Session, study: optuna.Study, targeting: Targeting, *, progress: bool = True) -> None:
+    """Before the sampled trials: uniform at every target value (candidate 0), then the method's own
+    candidates (``sensitivity``: its curves, then one candidate per value) and the screened ones."""
+    from yoloprune.data.check import val_subset
+    from yoloprune.search import screening
+    from yoloprune.search.sensitivity import measure_curves
+
+    config = session.exp.config
+    queued = enqueue_at_targets(study, targeting, "uniform")
+    if queued:
+        LOGGER.info("queued uniform pruning at %s %s (candidate 0)", config.cost_target.metric, queued)  # type: ignore[union-attr]
+    images = config.engine.screen.images if config.engine.screen else 64
+    subset = val_subset(session.exp.data, images, config.output_dir / "screen")
+    if config.engine.sampler == "sensitivity":
+        targeting.curves = measure_curves(config, session.evaluator, study, subset, progress=progress)
+        enqueue_at_targets(study, targeting, "sensitivity")
+    if config.engine.screen is not None:
+        records = screening.screen(config, targeting, session.evaluator, study, subset, progress=progress)
+        kept = screening.enqueue_best(study, config, records)
+        if kept:
+            LOGGER.info("screened %d candidates; queued the best %d for the proxy fine-tune", len(records), len(kept))
+
+
+def _after_search(study: optuna.Study) -> None:
+    from yoloprune.search import screening
+
+    if any("screen_score" in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        records = screening.agreement(study)
+        if records:
+            LOGGER.info(screening.describe(records))
 
 
 class _Reaper(threading.Thread):
@@ -223,8 +302,10 @@ class _Objective:
         reporter: EpochReporter,
         progress: bool,
         epoch_hook: EpochCallback | None = None,
+        targeting: Targeting | None = None,
     ) -> None:
         self.exp = exp
+        self.targeting = targeting
         self.epoch_hook = epoch_hook
         self.cfg = exp.config
         self.evaluator = evaluator
@@ -236,6 +317,9 @@ class _Objective:
     def __call__(self, trial: optuna.Trial) -> list[float]:
         start = time.perf_counter()
         candidate = self.cfg.space.suggest(trial)
+        landed: dict[str, Any] = {}
+        if self.targeting is not None:
+            candidate, landed = self._land(trial, candidate)
         set_user_attrs(
             trial,
             {
@@ -246,8 +330,14 @@ class _Objective:
                 },
                 "candidate_key": candidate.key(),
                 "worker": {"host": socket.gethostname(), "pid": os.getpid()},
+                **landed,
             },
         )
+        if landed and not landed["target"]["on_target"]:
+            t = landed["target"]
+            raise optuna.TrialPruned(
+                f"could not land on {t['metric']} {t['value']} +- {t['tolerance']} (closest {t['achieved']:.4f})"
+            )
         twin = self._twin(trial, candidate.key())
         if twin is not None:
             return self._copy(trial, twin, start)
@@ -288,6 +378,22 @@ class _Objective:
         finally:
             epoch_bar.close()
             _free_memory()
+
+    def _land(self, trial: optuna.Trial, proposal: Candidate) -> tuple[Candidate, dict[str, Any]]:
+        """The proposal moved onto the trial's cost-target value along its method's family."""
+        assert self.targeting is not None and self.cfg.cost_target is not None
+        value = self.targeting.value_of(trial)
+        method = str(trial.user_attrs.get("method", self.cfg.engine.sampler))
+        landing = self.targeting.land(method, proposal, value)
+        candidate = Candidate(self.targeting.full_ratios(proposal, landing), proposal.importance, proposal.round_to)
+        attrs: dict[str, Any] = {
+            "method": method,
+            "proposal": proposal.ratios,
+            "target": landing.as_dict(self.cfg.cost_target.metric),
+        }
+        if method == "uniform":
+            attrs["uniform"] = uniform_ratio(self.cfg.space, landing.ratios)
+        return candidate, attrs
 
     def _evaluate(
         self, trial: optuna.Trial, candidate: Candidate, on_epoch: EpochCallback, start: float

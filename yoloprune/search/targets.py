@@ -38,7 +38,11 @@ def searched(space: SearchSpace) -> dict[str, RatioRange]:
 
 def fixed(space: SearchSpace) -> dict[str, float]:
     """The stages every candidate prunes at one value."""
-    return {n: (r.low if isinstance(r, RatioRange) else float(r)) for n, r in space.ratios.items() if n not in searched(space)}
+    return {
+        n: (r.low if isinstance(r, RatioRange) else float(r))
+        for n, r in space.ratios.items()
+        if n not in searched(space)
+    }
 
 
 def bounds_family(space: SearchSpace, proposal: Mapping[str, float]) -> Family:

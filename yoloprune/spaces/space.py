@@ -165,6 +165,17 @@ class SearchSpace(BaseModel):
         """Rebuild the candidate a trial sampled from its stored parameters."""
         return self.suggest(_Replay(params))
 
+    def candidate_of(self, params: dict[str, Any], user_attrs: dict[str, Any]) -> Candidate:
+        """The candidate a trial evaluated: the one it recorded (landed on a cost target, say), else its parameters'."""
+        recorded = user_attrs.get("candidate")
+        if isinstance(recorded, dict) and "ratios" in recorded:
+            return Candidate(
+                {k: float(v) for k, v in recorded["ratios"].items()},
+                str(recorded.get("importance", "l1")),
+                int(recorded.get("round_to", 1)),
+            )
+        return self.candidate_from_params(params)
+
 
 @dataclass(frozen=True)
 class Candidate:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from yoloprune.data.check import IMAGE_SUFFIXES, DatasetInfo, inspect_dataset
+from yoloprune.data.check import DatasetInfo, inspect_dataset, split_images
 from yoloprune.errors import DatasetError, EvaluatorError
 from yoloprune.ultra.models import detect_head
 from yoloprune.ultra.offline import configure_offline
@@ -191,14 +191,4 @@ def image_batches(files: list[Path], *, imgsz: int, batch: int) -> Iterator[np.n
 
 def train_images(info: DatasetInfo) -> list[Path]:
     """Every image file of the dataset's train split, sorted."""
-    entries = info.resolved["train"]
-    files: list[Path] = []
-    for item in entries if isinstance(entries, list) else [entries]:
-        p = Path(str(item))
-        p = p if p.is_absolute() else info.root / p
-        if p.is_dir():
-            files.extend(sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES))
-        elif p.is_file():
-            lines = [line.strip() for line in p.read_text().splitlines() if line.strip()]
-            files.extend((info.root / line) if not Path(line).is_absolute() else Path(line) for line in lines)
-    return files
+    return split_images(info, "train")
