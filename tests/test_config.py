@@ -41,6 +41,16 @@ def test_example_configs_validate():
     assert Path(byo.data).is_absolute() and byo.output_dir.name == "my-detector-pruning"
 
 
+def test_method_example_configs_validate():
+    from yoloprune.search.methods import method_names
+
+    configs = {p.stem: load_config(p) for p in sorted((EXPERIMENTS / "methods").glob("*.yaml"))}
+    assert set(configs) == set(method_names())  # one example per registered method
+    for name, cfg in configs.items():
+        assert cfg.engine.sampler == name and cfg.cost_target is not None
+        assert cfg.cost_target.values == ([0.5] if name == "cmaes" else [0.3, 0.5])
+
+
 def test_defaults_are_the_issue_defaults():
     cfg = config_from_dict(MINIMAL)
     assert [(o.metric, o.direction) for o in cfg.objectives] == [("map50_95", "maximize"), ("gflops", "minimize")]
@@ -84,7 +94,7 @@ def test_relative_paths_follow_the_config_file(tmp_path):
         ({"space": {"ratios": {"neck": 0.3}, "importance": "l3"}}, "unknown importance 'l3'"),
         ({"constraints": [{"metric": "gflops", "max": 1, "min": 0}]}, "exactly one of max or min"),
         ({"constraints": [{"metric": "latency", "max": 1}]}, "unknown metric 'latency'"),
-        ({"engine": {"sampler": "cmaes"}}, "engine.sampler"),
+        ({"engine": {"sampler": "cmaess"}}, "engine.sampler"),
         ({"budget": {"trials": None}}, "budget.trials, budget.timeout_s or both"),
         ({"imgsz": 300}, "multiple of 32"),
         ({"name": "bad name!"}, "name"),

@@ -299,7 +299,8 @@ class ExperimentConfig(_Section):
         space: the search space.
         finetune: the proxy fine-tune.
         objectives: what the search optimises (default: maximise mAP50-95, and minimise the first latency
-            target's latency, or GFLOPs when no target is configured).
+            target's latency, or GFLOPs when no target is configured; with a ``cost_target`` of one value,
+            mAP50-95 alone, since every candidate has that cost).
         constraints: hard limits (default: relative mAP50-95 drop <= 2%, FLOPs reduction >= 50%).
         targets: latency targets measured for every candidate (right after pruning, before fine-tuning).
         cost_target: put every candidate on this cost (FLOPs, params or latency reduction) before it is
@@ -339,6 +340,10 @@ class ExperimentConfig(_Section):
     @model_validator(mode="before")
     @classmethod
     def _latency_objective_by_default(cls, data: Any) -> Any:
+        target = data.get("cost_target") if isinstance(data, dict) else None
+        if isinstance(target, dict) and "objectives" not in data and not isinstance(target.get("value"), list):
+            # Every candidate sits on one cost: accuracy is the only thing left to optimise.
+            return {**data, "objectives": [{"metric": "map50_95", "direction": "maximize"}]}
         if isinstance(data, dict) and "objectives" not in data and data.get("targets"):
             first = data["targets"][0].get("name") if isinstance(data["targets"][0], dict) else None
             if first:
@@ -362,6 +367,11 @@ class ExperimentConfig(_Section):
                     f"metric '{metric}' names latency target '{target}', which is not configured "
                     f"(targets: {', '.join(targets) or 'none'}); add it under targets:"
                 )
+        if self.engine.sampler == "cmaes" and len(self.objectives) > 1:
+            raise ValueError(
+                "engine.sampler 'cmaes' optimises one objective; give a single cost_target value (its default "
+                "objective is map50_95 alone) or objectives: [{metric: map50_95, direction: maximize}]"
+            )
         if self.cost_target is None:
             needs = [x for x in (self.engine.sampler,) if x in ("uniform", "sensitivity")]
             if needs or self.engine.screen is not None:

@@ -29,7 +29,9 @@ class Fidelity:
     n: int
     epochs: int
     proxy_epochs: int
-    trials: dict[int, dict[str, float]]  # trial -> {"proxy": mAP50-95, "long": mAP50-95}
+    trials: dict[int, dict[str, float]]  # trial -> {"proxy": mAP50-95, "long": mAP50-95[, "screen": score]}
+    p: float = float("nan")
+    screen: dict[str, float] | None = None  # the screening score's tau, p, n against the long fine-tune
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float:
@@ -88,12 +90,18 @@ def measure(config: ExperimentConfig, *, top: int = 3, sample: int = 3, epochs: 
             candidate = config.space.candidate_of(t.params, t.user_attrs)
             result = session.evaluator.evaluate(candidate, name=f"fidelity_{t.number:04d}")
             results[t.number] = {"proxy": float(t.user_attrs["metrics"]["map50_95"]), "long": result.raw["map50_95"]}
+            if t.user_attrs.get("screen_score") is not None:
+                results[t.number]["screen"] = float(t.user_attrs["screen_score"])
             LOGGER.info(
                 "trial %d: proxy mAP50-95 %.4f, after %d epochs %.4f",
                 t.number, results[t.number]["proxy"], epochs, results[t.number]["long"],
             )  # fmt: skip
-    tau = kendall_tau([r["proxy"] for r in results.values()], [r["long"] for r in results.values()])
-    fidelity = Fidelity(tau, len(results), epochs, config.finetune.epochs, results)
+    agreement = rank_agreement([r["proxy"] for r in results.values()], [r["long"] for r in results.values()])
+    screened = [r for r in results.values() if "screen" in r]
+    screen = (
+        rank_agreement([r["screen"] for r in screened], [r["long"] for r in screened]) if len(screened) >= 3 else None
+    )
+    fidelity = Fidelity(agreement["tau"], len(results), epochs, config.finetune.epochs, results, agreement["p"], screen)
     study.set_user_attr(STUDY_ATTR, {**asdict(fidelity), "trials": {str(k): v for k, v in results.items()}})
     return fidelity
 
@@ -103,7 +111,12 @@ def stored(study: optuna.Study) -> dict[str, Any] | None:
 
 
 def describe(record: dict[str, Any]) -> str:
-    return (
+    p = record.get("p")
+    text = (
         f"proxy fidelity: Kendall tau {record['tau']:.2f} between {record['proxy_epochs']}-epoch proxy and "
-        f"{record['epochs']}-epoch mAP50-95 over {record['n']} trials"
+        f"{record['epochs']}-epoch mAP50-95 over {record['n']} trials" + (f" (p {p:.3f})" if p is not None else "")
     )
+    screen = record.get("screen")
+    if screen:
+        text += f"; screening score vs {record['epochs']}-epoch: tau {screen['tau']:.2f} (p {screen['p']:.3f}, n {screen['n']})"
+    return text

@@ -364,7 +364,8 @@ def run_trial(config: ExperimentConfig) -> int:
     """Evaluate the parameters NNI gives this process as a trial of the project's study; returns the exit code."""
     import nni
 
-    from yoloprune.search.runner import _Objective, prepare, start_session
+    from yoloprune.search.methods import get_method
+    from yoloprune.search.runner import _Objective, prepare, session_targeting, start_session
     from yoloprune.ultra.offline import ultralytics_quiet
 
     params = config.space.snap(dict(nni.get_next_parameter() or {}))
@@ -382,6 +383,8 @@ def run_trial(config: ExperimentConfig) -> int:
         with ultralytics_quiet(True):
             exp = prepare(config)
             session = start_session(exp, study)
+            if config.cost_target is not None and not get_method(config.engine.sampler).samples:
+                trial.set_user_attr("method", "random")  # NNI proposed it: push it onto the target in proportion
             objective = _Objective(
                 exp,
                 session.evaluator,
@@ -389,6 +392,7 @@ def run_trial(config: ExperimentConfig) -> int:
                 EpochReporter(study, None),  # NNI's assessors, not Optuna's pruners, act on NNI trials
                 progress=False,
                 epoch_hook=lambda epoch, m: nni.report_intermediate_result(float(m["map50_95"])),
+                targeting=session_targeting(session) if config.cost_target is not None else None,
             )
             values = objective(trial)
     except KeyboardInterrupt:

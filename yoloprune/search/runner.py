@@ -25,7 +25,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from yoloprune.config import BUILTIN_PREFIX, ExperimentConfig, FinetuneConfig, ModelSource
 from yoloprune.data.check import DatasetInfo, inspect_dataset
 from yoloprune.device import default_device
-from yoloprune.errors import LatencyTargetError
+from yoloprune.errors import ConfigError, LatencyTargetError
 from yoloprune.evaluators.hardware import HardwareEvaluator
 from yoloprune.evaluators.proxy import ProxyEvaluator
 from yoloprune.log import get_logger
@@ -102,6 +102,11 @@ def run_search(
     run of the same config queues the interrupted trial's parameters again. ``uniform`` ratios are queued
     first as the uniform-pruning baseline (see :mod:`yoloprune.search.uniform`).
     """
+    if uniform and config.cost_target is not None:
+        raise ConfigError(
+            "--uniform sweeps fixed ratios; with a cost_target, uniform pruning at each target value is already "
+            "candidate 0. List the budgets you want in cost_target.value instead."
+        )
     for ratio in uniform:
         uniform_params(config, ratio)  # a bad ratio fails before any training
     exp = prepare(config)
