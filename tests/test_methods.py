@@ -46,6 +46,31 @@ def _config(tmp_path: Path, data: Path, name: str, **changes):
     return config_from_dict(raw)
 
 
+_SCORE = ProxyEvaluator.screen_score
+
+
+def _counting(monkeypatch, stop_at: int | None = None) -> dict[str, int]:
+    """Count screening scores (and raise KeyboardInterrupt at the ``stop_at``-th: a Ctrl-C mid-way)."""
+    calls = {"n": 0}
+
+    def score(self, candidate, subset):
+        calls["n"] += 1
+        if calls["n"] == stop_at:
+            raise KeyboardInterrupt
+        return _SCORE(self, candidate, subset)
+
+    monkeypatch.setattr(ProxyEvaluator, "screen_score", score)
+    return calls
+
+
+def _interrupted_at(monkeypatch, config, stop_at: int) -> optuna.Study:
+    """Run the search until the ``stop_at``-th screening score is interrupted; the study as it was left."""
+    _counting(monkeypatch, stop_at)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(config, progress=False)
+    return optuna.load_study(study_name=config.name, storage=config.storage_url)
+
+
 def _complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
@@ -71,9 +96,10 @@ def test_every_method_lands_every_candidate_on_target(tmp_path, tiny_data, metho
     assert max(t.user_attrs["metrics"]["map50_95"] for t in trials) >= uniform_map
     if method == "uniform":
         assert len(study.get_trials(deepcopy=False)) == 1  # one candidate per target value, nothing sampled
-    elif method == "sensitivity":
-        assert [t.user_attrs["method"] for t in trials] == ["uniform", "sensitivity"]
-        assert any(k.startswith(CURVE_PREFIX) for k in study.user_attrs)
+    elif method in ("sensitivity", "tp_global"):
+        assert [t.user_attrs["method"] for t in trials] == ["uniform", method]
+        assert (method == "sensitivity") == any(k.startswith(CURVE_PREFIX) for k in study.user_attrs)
+        assert trials[1].user_attrs["candidate"].get("global_ranking", False) == (method == "tp_global")
     else:
         assert len(trials) == 3 and {t.user_attrs["method"] for t in trials[1:]} == {method}
 
@@ -93,31 +119,11 @@ def test_screening_fine_tunes_only_the_top_k_and_resumes(tmp_path, tiny_data, mo
     screen = {"candidates": 12, "keep": 3, "images": 6}
     config = _config(tmp_path, tiny_data, "screen", engine={"sampler": "random", "seed": 0, "screen": screen},
                      budget={"trials": 4})  # fmt: skip
-    calls = {"n": 0}
-    real = ProxyEvaluator.screen_score
-
-    def interrupted(self, candidate, subset):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real(self, candidate, subset)
-
-    monkeypatch.setattr(ProxyEvaluator, "screen_score", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_search(config, progress=False)
-    monkeypatch.setattr(ProxyEvaluator, "screen_score", real)
-    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    study = _interrupted_at(monkeypatch, config, 6)
     assert sum(k.startswith(screening.PREFIX) for k in study.user_attrs) == 5  # kept across the interruption
-
-    counted = {"n": 0}
-
-    def counting(self, candidate, subset):
-        counted["n"] += 1
-        return real(self, candidate, subset)
-
-    monkeypatch.setattr(ProxyEvaluator, "screen_score", counting)
+    calls = _counting(monkeypatch)
     study = run_search(config, progress=False)
-    assert counted["n"] == 12 - 5  # only the rest was scored
+    assert calls["n"] == 12 - 5  # only the rest was scored
     records = [study.user_attrs[f"{screening.PREFIX}{i}"] for i in range(12)]
     top = sorted((r["score"] for r in records if r["score"] is not None), reverse=True)[:3]
     screened = [t for t in _complete(study) if "screen_rank" in t.user_attrs]
@@ -130,22 +136,11 @@ def test_screening_fine_tunes_only_the_top_k_and_resumes(tmp_path, tiny_data, mo
 
 def test_sensitivity_curves_resume_after_an_interruption(tmp_path, tiny_data, monkeypatch):
     config = _config(tmp_path, tiny_data, "sens", engine={"sampler": "sensitivity", "seed": 0})
-    real = ProxyEvaluator.screen_score
-    calls = {"n": 0}
-
-    def interrupted(self, candidate, subset):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(self, candidate, subset)
-
-    monkeypatch.setattr(ProxyEvaluator, "screen_score", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        run_search(config, progress=False)
-    monkeypatch.setattr(ProxyEvaluator, "screen_score", real)
-    study = optuna.load_study(study_name=config.name, storage=config.storage_url)
+    study = _interrupted_at(monkeypatch, config, 4)
     assert sum(k.startswith(CURVE_PREFIX) for k in study.user_attrs) == 3
+    calls = _counting(monkeypatch)
     study = run_search(config, progress=False)
+    assert calls["n"] == 1 + 2 * 4 - 3
     assert sum(k.startswith(CURVE_PREFIX) for k in study.user_attrs) == 1 + 2 * 4  # base + 2 stages x 4 points
     sensitivity = [t for t in _complete(study) if t.user_attrs["method"] == "sensitivity"]
     assert len(sensitivity) == 1 and sensitivity[0].user_attrs["target"]["on_target"]

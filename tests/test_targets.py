@@ -9,7 +9,8 @@ import pytest
 
 from yoloprune.config import config_from_dict
 from yoloprune.errors import ConfigError
-from yoloprune.search.methods import MethodContext, Targeting, get_method, method_names
+from yoloprune.search.methods import MethodContext, get_method, method_names
+from yoloprune.search.targeting import Targeting
 from yoloprune.search.targets import Lander, LatencyModel, land_on_latency, uniform_family
 from yoloprune.spaces import Candidate
 from yoloprune.ultra.models import load_detector

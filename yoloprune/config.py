@@ -144,7 +144,7 @@ class CostTarget(_Section):
 
 #: Search methods (``engine.sampler``): Optuna samplers over allocations, and the two without a sampler.
 SAMPLERS = ("tpe", "cmaes", "nsga2", "random", "grid")
-METHODS = (*SAMPLERS, "uniform", "sensitivity")
+METHODS = (*SAMPLERS, "uniform", "sensitivity", "tp_global")
 
 
 class EngineConfig(_Section):
@@ -155,7 +155,8 @@ class EngineConfig(_Section):
         sampler: the search method: an Optuna sampler over allocations (``tpe``, ``cmaes``, ``nsga2``,
             ``random``, ``grid``), ``uniform`` (one ratio on every searched stage, at each cost target) or
             ``sensitivity`` (per-stage sensitivity curves after BN re-estimation, then one global
-            trade-off bisected to each cost target, as ModelOpt's FastNAS). The last two need a
+            trade-off bisected to each cost target, as ModelOpt's FastNAS) or ``tp_global``
+            (Torch-Pruning's global pruning at each cost target, a reference). The last three need a
             ``cost_target``. See :mod:`yoloprune.search.methods`.
         screen: cheap screening of many candidates before the proxy fine-tunes (needs a ``cost_target``).
         seed: sampler seed (None: random).
@@ -373,7 +374,7 @@ class ExperimentConfig(_Section):
                 "objective is map50_95 alone) or objectives: [{metric: map50_95, direction: maximize}]"
             )
         if self.cost_target is None:
-            needs = [x for x in (self.engine.sampler,) if x in ("uniform", "sensitivity")]
+            needs = [x for x in (self.engine.sampler,) if x in ("uniform", "sensitivity", "tp_global")]
             if needs or self.engine.screen is not None:
                 what = f"engine.sampler '{needs[0]}'" if needs else "engine.screen"
                 raise ValueError(

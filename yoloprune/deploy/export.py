@@ -34,7 +34,8 @@ def select_trial(
 ) -> FrozenTrial:
     """The trial to export: a number, or ``best`` by ``policy``.
 
-    ``fastest``: the feasible complete trial with the lowest cost (the first latency objective, else GFLOPs).
+    ``fastest``: the feasible complete trial with the lowest cost (the first latency objective, else GFLOPs);
+    with a cost target, the most accurate feasible trial at the largest target value any feasible trial reached.
     ``most_accurate``: the feasible complete trial with the highest mAP50-95 whose latency (first target)
     is within ``latency_budget_ms``.
     """
@@ -58,6 +59,12 @@ def select_trial(
         )
     latency = f"latency_ms.{config.targets[0].name}" if config.targets else None
     cost = next((o.metric for o in config.objectives if o.metric.startswith("latency_ms.")), latency or "gflops")
+    if policy == "fastest" and config.cost_target is not None:
+        # Candidates at one target value share its cost: the most aggressive value reached, then accuracy.
+        landed = [t for t in feasible if t.user_attrs.get("target", {}).get("on_target")] or feasible
+        top = max(t.user_attrs.get("target", {}).get("value", 0.0) for t in landed)
+        at = [t for t in landed if t.user_attrs.get("target", {}).get("value", 0.0) == top]
+        return max(at, key=lambda t: t.user_attrs["metrics"]["map50_95"])
     if policy == "fastest":
         return min(feasible, key=lambda t: t.user_attrs["metrics"][cost])
     if latency is None or latency_budget_ms is None:

@@ -37,6 +37,7 @@ def prune(
     *,
     inplace: bool = False,
     seed: int | None = 0,
+    global_ranking: bool = False,
 ) -> DetectionModel:
     """Prune a detection model structurally, one ratio per stage.
 
@@ -56,6 +57,10 @@ def prune(
         round_to: keep every pruned layer's channel count a multiple of this (8 suits tensor cores).
         inplace: prune ``model`` itself instead of a copy.
         seed: seeds the ``random`` criterion.
+        global_ranking: Torch-Pruning's global pruning instead: the named stages share one ratio (their
+            largest), the fraction of all their channels removed, ranked across their layers at once
+            (importance normalised per layer), so some layers lose more than others. Widths are floored to
+            ``round_to`` as Torch-Pruning does, and no layer loses more than 90%. A reference baseline.
 
     Returns:
         The pruned model, built from stock Ultralytics modules only.
@@ -79,6 +84,8 @@ def prune(
         for p in work.parameters():
             p.requires_grad_(True)  # as a pruned model would be: trainable
         return work
+    if global_ranking:
+        return _pruned_global(work, stages, ratios, importance, round_to, seed)
     return _pruned(
         work, lambda split: ratio_per_conv(split, stages, ratios, round_to), importance, seed, prune_head=_head(ratios)
     )
@@ -214,6 +221,57 @@ def _pruned(
                 raise ModelError(
                     f"Torch-Pruning could not prune this architecture ({type(e).__name__}: {e}). Supported: YOLOv3u, "
                     "YOLOv5u, YOLOv6, YOLOv8, YOLOv10, YOLO11, YOLO12 and YOLO26 detectors; YOLOv9's ELAN/ADown blocks are not."
+                ) from e
+    finally:
+        fold_c2f_blocks(work)
+    _check_forward(work)
+    return work.train(was_training)
+
+
+def _pruned_global(
+    work: DetectionModel,
+    stages: list[Stage],
+    ratios: dict[str, float],
+    importance: str,
+    round_to: int,
+    seed: int | None,
+) -> DetectionModel:
+    """Torch-Pruning's global pruning over the convs of the stages named (see :func:`prune`)."""
+    named = {s.name for s in stages if ratios.get(s.name, 0.0) > 0}
+    was_training = work.training
+    work.eval()
+    for p in work.parameters():
+        p.requires_grad_(True)
+    split_c2f_blocks(work)
+    try:
+        outside = [
+            conv
+            for s in stages
+            if s.name not in named
+            for i in s.layers
+            for conv in layers(work)[i].modules()
+            if isinstance(conv, nn.Conv2d)
+        ]
+        device = next(work.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            pruner = tp.pruner.BasePruner(
+                work,
+                example_inputs=torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device),
+                importance=IMPORTANCES[importance](),
+                pruning_ratio=max(ratios[n] for n in named),
+                global_pruning=True,
+                max_pruning_ratio=0.9,
+                ignored_layers=[*ignored_layers(work, prune_head=HEAD in named), *outside],
+                round_to=round_to if round_to > 1 else None,
+                output_transform=_flatten_outputs,
+            )
+            try:
+                pruner.step()
+            except (IndexError, RuntimeError, ValueError) as e:
+                raise ModelError(
+                    f"Torch-Pruning's global pruning failed on this architecture ({type(e).__name__}: {e})."
                 ) from e
     finally:
         fold_c2f_blocks(work)

@@ -365,7 +365,8 @@ def run_trial(config: ExperimentConfig) -> int:
     import nni
 
     from yoloprune.search.methods import get_method
-    from yoloprune.search.runner import _Objective, prepare, session_targeting, start_session
+    from yoloprune.search.runner import _Objective, prepare, start_session
+    from yoloprune.search.targeting import session_targeting
     from yoloprune.ultra.offline import ultralytics_quiet
 
     params = config.space.snap(dict(nni.get_next_parameter() or {}))

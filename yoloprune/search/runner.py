@@ -30,7 +30,7 @@ from yoloprune.evaluators.hardware import HardwareEvaluator
 from yoloprune.evaluators.proxy import ProxyEvaluator
 from yoloprune.log import get_logger
 from yoloprune.pruning import prunable_stage_names
-from yoloprune.search.methods import Targeting, enqueue_at_targets, get_method
+from yoloprune.search.methods import get_method
 from yoloprune.search.objectives import relative_metrics, reward, violations
 from yoloprune.search.optuna_engine import (
     EpochReporter,
@@ -43,6 +43,7 @@ from yoloprune.search.optuna_engine import (
     set_user_attrs,
 )
 from yoloprune.search.sensitivity import enqueue_warm_start
+from yoloprune.search.targeting import Targeting, prepare_method, session_targeting
 from yoloprune.search.targets import uniform_ratio
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.spaces import Candidate
@@ -173,57 +174,6 @@ def run_search(
     return study
 
 
-def session_targeting(session: Session) -> Targeting:
-    """The session's targeting; a latency cost target measures on the session's hardware evaluator."""
-    config, exp = session.exp.config, session.exp
-    target = config.cost_target
-    assert target is not None
-    name = target.latency_target
-    if name is None:
-        targeting = Targeting(config, exp.base)
-        targeting.check()
-        return targeting
-    hardware = session.evaluator.hardware
-    if hardware is None:
-        raise LatencyTargetError(f"cost_target {target.metric} needs latency target '{name}', which is not measured.")
-    key = f"latency_ms.{name}"
-
-    def measure(ratios: dict[str, float], round_to: int) -> float:
-        from yoloprune.pruning import prune
-
-        importance = config.space.importance if isinstance(config.space.importance, str) else config.space.importance[0]
-        measured, _ = hardware.measure(prune(exp.base, ratios, importance=importance, round_to=round_to))
-        return 1.0 - measured[key] / session.baseline[key]
-
-    targeting = Targeting(config, exp.base, measure_latency=measure)
-    targeting.calibrate()
-    targeting.check()
-    return targeting
-
-
-def prepare_method(session: Session, study: optuna.Study, targeting: Targeting, *, progress: bool = True) -> None:
-    """Before the sampled trials: uniform at every target value (candidate 0), then the method's own
-    candidates (``sensitivity``: its curves, then one candidate per value) and the screened ones."""
-    from yoloprune.data.check import val_subset
-    from yoloprune.search import screening
-    from yoloprune.search.sensitivity import measure_curves
-
-    config = session.exp.config
-    queued = enqueue_at_targets(study, targeting, "uniform")
-    if queued:
-        LOGGER.info("queued uniform pruning at %s %s (candidate 0)", config.cost_target.metric, queued)  # type: ignore[union-attr]
-    images = config.engine.screen.images if config.engine.screen else 64
-    subset = val_subset(session.exp.data, images, config.output_dir / "screen")
-    if config.engine.sampler == "sensitivity":
-        targeting.curves = measure_curves(config, session.evaluator, study, subset, progress=progress)
-        enqueue_at_targets(study, targeting, "sensitivity")
-    if config.engine.screen is not None:
-        records = screening.screen(config, targeting, session.evaluator, study, subset, progress=progress)
-        kept = screening.enqueue_best(study, config, records)
-        if kept:
-            LOGGER.info("screened %d candidates; queued the best %d for the proxy fine-tune", len(records), len(kept))
-
-
 def _after_search(study: optuna.Study) -> None:
     from yoloprune.search import screening
 
@@ -328,11 +278,7 @@ class _Objective:
         set_user_attrs(
             trial,
             {
-                "candidate": {
-                    "ratios": candidate.ratios,
-                    "importance": candidate.importance,
-                    "round_to": candidate.round_to,
-                },
+                "candidate": candidate.as_dict(),
                 "candidate_key": candidate.key(),
                 "worker": {"host": socket.gethostname(), "pid": os.getpid()},
                 **landed,
@@ -390,7 +336,7 @@ class _Objective:
         value = self.targeting.value_of(trial)
         method = str(trial.user_attrs.get("method", self.cfg.engine.sampler))
         landing = self.targeting.land(method, proposal, value)
-        candidate = Candidate(self.targeting.full_ratios(proposal, landing), proposal.importance, proposal.round_to)
+        candidate = self.targeting.landed(method, proposal, landing)
         attrs: dict[str, Any] = {
             "method": method,
             "proposal": proposal.ratios,

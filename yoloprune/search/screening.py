@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from yoloprune.config import ExperimentConfig
 from yoloprune.data.check import DatasetInfo
 from yoloprune.log import get_logger
-from yoloprune.search.methods import TARGET_PARAM, Targeting
+from yoloprune.search.methods import TARGET_PARAM
+from yoloprune.search.targeting import Targeting
 from yoloprune.search.targets import searched
-from yoloprune.spaces import Candidate, SearchSpace
+from yoloprune.spaces import SearchSpace
 
 if TYPE_CHECKING:
     from yoloprune.evaluators.proxy import ProxyEvaluator
@@ -93,7 +94,7 @@ def _score(
     record: dict[str, Any] = {"params": params, "value": value, "achieved": landing.achieved, "score": None}
     if not landing.on_target:
         return record
-    candidate = Candidate(targeting.full_ratios(proposal, landing), proposal.importance, proposal.round_to)
+    candidate = targeting.landed(config.engine.sampler, proposal, landing)
     score, seconds = evaluator.screen_score(candidate, subset)
     return {**record, "ratios": candidate.ratios, "score": score, "seconds": seconds}
 

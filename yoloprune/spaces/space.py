@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from yoloprune.errors import SearchSpaceError, did_you_mean
-from yoloprune.pruning.prune import IMPORTANCES
+from yoloprune.pruning.prune import IMPORTANCES, prune
 
 MAX_RATIO = 0.95
 
@@ -173,6 +173,7 @@ class SearchSpace(BaseModel):
                 {k: float(v) for k, v in recorded["ratios"].items()},
                 str(recorded.get("importance", "l1")),
                 int(recorded.get("round_to", 1)),
+                bool(recorded.get("global_ranking", False)),
             )
         return self.candidate_from_params(params)
 
@@ -184,6 +185,7 @@ class Candidate:
     ratios: dict[str, float]
     importance: str = "l1"
     round_to: int = 1
+    global_ranking: bool = False  # Torch-Pruning's global pruning over the stages named (the tp_global method)
 
     def key(self) -> str:
         """A stable text key of the candidate (same candidate, same key)."""
@@ -192,8 +194,24 @@ class Candidate:
                 "ratios": {k: round(v, 6) for k, v in sorted(self.ratios.items())},
                 "importance": self.importance,
                 "round_to": self.round_to,
+                **({"global_ranking": True} if self.global_ranking else {}),
             },
             sort_keys=True,
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        """What a trial records (and :meth:`SearchSpace.candidate_of` reads back)."""
+        out: dict[str, Any] = {"ratios": self.ratios, "importance": self.importance, "round_to": self.round_to}
+        return {**out, "global_ranking": True} if self.global_ranking else out
+
+    def apply(self, model: Any, ratios: dict[str, float] | None = None) -> Any:
+        """``model`` pruned as this candidate says (``ratios``: other ratios with the same knobs)."""
+        return prune(
+            model,
+            self.ratios if ratios is None else ratios,
+            importance=self.importance,
+            round_to=self.round_to,
+            global_ranking=self.global_ranking,
         )
 
 
