@@ -113,7 +113,7 @@ def export_trial(
     from yoloprune.deploy.onnx import check_onnx, export_onnx
     from yoloprune.evaluators.hardware import HardwareEvaluator
     from yoloprune.evaluators.proxy import ProxyEvaluator, raw_metrics
-    from yoloprune.pruning import measure_costs, prune
+    from yoloprune.pruning import measure_costs
     from yoloprune.search.objectives import relative_metrics
     from yoloprune.search.runner import experiment_baseline, prepare
     from yoloprune.storage import file_sha256
@@ -132,9 +132,7 @@ def export_trial(
     stem = f"{config.name}-trial{trial.number}"
     start = time.perf_counter()
     with ultralytics_quiet():
-        model: nn.Module = prune(
-            exp.base, candidate.ratios, importance=candidate.importance, round_to=candidate.round_to
-        )
+        model: nn.Module = candidate.apply(exp.base)
         recalibrate_bn(model, exp.data, imgsz=config.imgsz, batches=config.finetune.bn_batches, device=exp.device)
         history: list[dict[str, float]] = []
         resumed_from: int | None = None
@@ -191,7 +189,7 @@ def export_trial(
     card = {
         "experiment": config.name,
         "trial": trial.number,
-        "candidate": {"ratios": candidate.ratios, "importance": candidate.importance, "round_to": candidate.round_to},
+        "candidate": candidate.as_dict(),
         "finetune": {"epochs": epochs, "history": history, "resumed_from_epoch": resumed_from},
         "before": base_raw,
         "after": metrics,

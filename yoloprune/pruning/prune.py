@@ -13,7 +13,7 @@ from torch import nn
 from yoloprune.errors import ModelError, SearchSpaceError, YoloPruneError, did_you_mean
 from yoloprune.log import get_logger
 from yoloprune.pruning.stages import HEAD, Stage, check_ratios, find_stages
-from yoloprune.ultra.blocks import attention_layers, fold_c2f_blocks, split_c2f_blocks
+from yoloprune.ultra.blocks import SplitC2f, attention_layers, fold_c2f_blocks, split_c2f_blocks
 from yoloprune.ultra.models import DetectionModel, check_detector, detect_head, layers
 
 LOGGER = get_logger(__name__)
@@ -60,7 +60,8 @@ def prune(
         global_ranking: Torch-Pruning's global pruning instead: the named stages share one ratio (their
             largest), the fraction of all their channels removed, ranked across their layers at once
             (importance normalised per layer), so some layers lose more than others. Widths are floored to
-            ``round_to`` as Torch-Pruning does, and no layer loses more than 90%. A reference baseline.
+            ``round_to`` as Torch-Pruning does, no layer loses more than 90%, and a C2f's two halves keep the
+            narrower one's width. A reference baseline.
 
     Returns:
         The pruned model, built from stock Ultralytics modules only.
@@ -236,47 +237,75 @@ def _pruned_global(
     round_to: int,
     seed: int | None,
 ) -> DetectionModel:
-    """Torch-Pruning's global pruning over the convs of the stages named (see :func:`prune`)."""
+    """Torch-Pruning's global pruning over the convs of the stages named (see :func:`prune`).
+
+    Its global ranking decides each layer's width on a copy (nothing applied); the two halves of a split
+    C2f then keep the narrower of their two widths (stock C2f needs equal halves), and the layers are
+    pruned to those widths with the same importance, layer by layer.
+    """
     named = {s.name for s in stages if ratios.get(s.name, 0.0) > 0}
-    was_training = work.training
-    work.eval()
-    for p in work.parameters():
+    probe = copy.deepcopy(work).eval()
+    for p in probe.parameters():
         p.requires_grad_(True)
-    split_c2f_blocks(work)
-    try:
-        outside = [
-            conv
-            for s in stages
-            if s.name not in named
-            for i in s.layers
-            for conv in layers(work)[i].modules()
-            if isinstance(conv, nn.Conv2d)
-        ]
-        device = next(work.parameters()).device
-        with torch.random.fork_rng(devices=[]):
-            if seed is not None:
-                torch.manual_seed(seed)
-            pruner = tp.pruner.BasePruner(
-                work,
-                example_inputs=torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device),
-                importance=IMPORTANCES[importance](),
-                pruning_ratio=max(ratios[n] for n in named),
-                global_pruning=True,
-                max_pruning_ratio=0.9,
-                ignored_layers=[*ignored_layers(work, prune_head=HEAD in named), *outside],
-                round_to=round_to if round_to > 1 else None,
-                output_transform=_flatten_outputs,
-            )
-            try:
-                pruner.step()
-            except (IndexError, RuntimeError, ValueError) as e:
-                raise ModelError(
-                    f"Torch-Pruning's global pruning failed on this architecture ({type(e).__name__}: {e})."
-                ) from e
-    finally:
-        fold_c2f_blocks(work)
-    _check_forward(work)
-    return work.train(was_training)
+    split_c2f_blocks(probe)
+    outside = [
+        conv
+        for s in stages
+        if s.name not in named
+        for i in s.layers
+        for conv in layers(probe)[i].modules()
+        if isinstance(conv, nn.Conv2d)
+    ]
+    names = {m: n for n, m in probe.named_modules()}
+    kept: dict[str, int] = {}
+    members: dict[str, list[str]] = {}
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.manual_seed(seed)
+        pruner = tp.pruner.BasePruner(
+            probe,
+            example_inputs=torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=next(probe.parameters()).device),
+            importance=IMPORTANCES[importance](),
+            pruning_ratio=max(ratios[n] for n in named),
+            global_pruning=True,
+            max_pruning_ratio=0.9,
+            ignored_layers=[*ignored_layers(probe, prune_head=HEAD in named), *outside],
+            round_to=round_to if round_to > 1 else None,
+            output_transform=_flatten_outputs,
+        )
+        try:
+            for group in pruner.step(interactive=True):  # the widths only: the groups are never pruned
+                root = group[0].dep.target.module
+                width = root.out_channels - len(group[0].idxs)
+                coupled = [
+                    names[dep.target.module]
+                    for dep, _ in group
+                    if isinstance(dep.target.module, nn.Conv2d) and pruner.DG.is_out_channel_pruning_fn(dep.handler)
+                ]
+                for name in coupled:
+                    kept[name] = width
+                    members[name] = coupled
+        except (IndexError, RuntimeError, ValueError) as e:
+            raise ModelError(
+                f"Torch-Pruning's global pruning failed on this architecture ({type(e).__name__}: {e})."
+            ) from e
+    for name, module in probe.named_modules():
+        if isinstance(module, SplitC2f):
+            a, b = f"{name}.cv1a.conv", f"{name}.cv1b.conv"
+            if a in kept or b in kept:
+                width = min(kept.get(a, module.cv1a.conv.out_channels), kept.get(b, module.cv1b.conv.out_channels))
+                for half in (a, b):
+                    for other in members.get(half, [half]):  # with everything its channels are coupled to
+                        kept[other] = width
+
+    def by_width(split: DetectionModel) -> dict[nn.Module, float]:
+        return {
+            m: _exact_ratio(m.out_channels, kept[n])
+            for n, m in split.named_modules()
+            if isinstance(m, nn.Conv2d) and n in kept and kept[n] < m.out_channels
+        }
+
+    return _pruned(work, by_width, importance, seed, prune_head=HEAD in named)
 
 
 def head_outputs(head: nn.Module) -> list[nn.Module]:
