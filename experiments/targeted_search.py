@@ -3,7 +3,7 @@
 Each method runs as its own experiment on the demo's base and dataset, with the same cost target (FLOPs
 reduction), the same proxy (BN re-estimation, then a short fine-tune) and uniform pruning at the target as
 candidate 0: ``uniform`` alone, ``sensitivity`` (per-stage curves, one global trade-off), ``random`` with
-EagleEye-style screening (many candidates scored by BN re-estimation on a few validation images, the best
+EagleEye-style screening (many candidates scored after BN re-estimation on a few held-out training images, the best
 few fine-tuned) and plain ``tpe``. Reports, per method and target value, the best proxy mAP50-95 against
 uniform's, the achieved FLOPs reduction, trials, candidates screened and minutes; and the screening's rank
 agreement with the proxy (Kendall tau, p-value, n). With ``--long-epochs N`` the best candidate of each

@@ -78,8 +78,9 @@ class ScreenConfig(_Section):
     """Cheap screening before the proxy fine-tunes (EagleEye's adaptive-BN evaluation).
 
     ``candidates`` allocations, drawn at random and put on the cost target, are each pruned, their BN
-    statistics re-estimated and validated on ``images`` validation images (seconds each); only the best
-    ``keep`` by that score get the proxy fine-tune, as the search's first trials.
+    statistics re-estimated and validated on ``images`` held-out training images (seconds each; images BN
+    re-estimation does not read, so screening never selects on the validation set); only the best ``keep``
+    at each target value get the proxy fine-tune, as the search's first trials.
     """
 
     candidates: int = Field(200, ge=2)

@@ -60,17 +60,21 @@ def split_images(info: DatasetInfo, split: str) -> list[Path]:
     return files
 
 
-def val_subset(info: DatasetInfo, images: int, folder: Path) -> DatasetInfo:
-    """The dataset with its val split cut to ``images`` images spread evenly over it (all if it has fewer).
+def held_out_subset(info: DatasetInfo, images: int, folder: Path, *, skip: int = 0) -> DatasetInfo:
+    """The dataset with its val split replaced by ``images`` training images spread evenly over the training
+    split after its first ``skip`` (the ones BN re-estimation reads): EagleEye's sub-validation set, so that
+    choosing candidates by it never selects on the validation set the proxy reports.
 
-    The subset is a list file in ``folder``; Ultralytics finds each image's label as usual.
+    The subset is a list file in ``folder``; Ultralytics finds each image's label as usual. A training split
+    with no image beyond ``skip`` falls back to all of it.
     """
-    files = split_images(info, "val")
+    files = split_images(info, "train")
+    files = files[skip:] or files
     if len(files) > images:
         step = len(files) / images
         files = [files[int(i * step)] for i in range(images)]
     folder.mkdir(parents=True, exist_ok=True)
-    listing = folder / f"val_subset_{len(files)}.txt"
+    listing = folder / f"held_out_{len(files)}_skip{skip}.txt"
     listing.write_text("".join(f"{f.resolve()}\n" for f in files))
     return replace(info, n_val=len(files), resolved={**info.resolved, "val": str(listing)})
 

@@ -120,7 +120,7 @@ class ProxyEvaluator:
         return ProxyResult(raw, _per_class(val), timings, finetuned, model, epochs, latency)
 
     def screen_score(self, candidate: Candidate, subset: DatasetInfo) -> tuple[float, float]:
-        """EagleEye's cheap score of a candidate: prune, re-estimate BN, validate on ``subset`` (a few val images).
+        """EagleEye's cheap score of a candidate: prune, re-estimate BN, validate on ``subset`` (a few held-out images).
 
         Returns (mAP50-95 on the subset, seconds). No fine-tune and no latency: it ranks candidates that
         already sit on the same cost.

@@ -3,11 +3,12 @@ each, fine-tune only the best.
 
 ``engine.screen.candidates`` allocations are drawn at random from the space (seeded), put on the cost
 target (values taken in turn), pruned, their BN statistics re-estimated and validated on a fixed subset of
-``images`` validation images. The best ``keep`` at each target value are queued as the search's first
-trials after uniform, tagged with their screening rank and score. Every score is stored on the study as
-it is computed (user attributes ``screen:<i>``), so an interrupted screening resumes where it stopped.
-After the search, the screening's rank agreement with the proxy (Kendall tau, p-value, n) is stored as
-``screen_fidelity``; ``yoloprune fidelity`` adds its agreement with a long fine-tune.
+``images`` held-out training images (not those BN re-estimation reads, and never the validation set). The
+best ``keep`` at each target value are queued as the search's first trials after uniform, tagged with their
+screening rank and score. Every score is stored on the study as it is computed (user attributes
+``screen:<i>``), so an interrupted screening resumes where it stopped. After the search, the screening's
+rank agreement with the proxy (Kendall tau, p-value, n) is stored as ``screen_fidelity``; ``yoloprune
+fidelity`` adds its agreement with a long fine-tune.
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ def session_targeting(session: Session) -> Targeting:
 def prepare_method(session: Session, study: optuna.Study, targeting: Targeting, *, progress: bool = True) -> None:
     """Before the sampled trials: uniform at every target value (candidate 0), then the method's own
     candidates (``sensitivity``: its curves, then one candidate per value) and the screened ones."""
-    from yoloprune.data.check import val_subset
+    from yoloprune.data.check import held_out_subset
     from yoloprune.search import screening
     from yoloprune.search.sensitivity import measure_curves
 
@@ -291,12 +291,15 @@ def prepare_method(session: Session, study: optuna.Study, targeting: Targeting, 
     if queued:
         LOGGER.info("queued uniform pruning at %s %s (candidate 0)", config.cost_target.metric, queued)  # type: ignore[union-attr]
     images = config.engine.screen.images if config.engine.screen else 64
-    subset = val_subset(session.exp.data, images, config.output_dir / "screen")
-    if config.engine.sampler == "sensitivity":
+    needs_subset = config.engine.sampler == "sensitivity" or config.engine.screen is not None
+    bn_images = config.finetune.bn_batches * config.finetune.batch
+    folder = config.output_dir / "screen"
+    subset = held_out_subset(session.exp.data, images, folder, skip=bn_images) if needs_subset else None
+    if subset is not None and config.engine.sampler == "sensitivity":
         targeting.curves = measure_curves(config, session.evaluator, study, subset, progress=progress)
     if not get_method(config.engine.sampler).samples and config.engine.sampler != "uniform":
         enqueue_at_targets(study, targeting, config.engine.sampler)  # one candidate per target value
-    if config.engine.screen is not None:
+    if subset is not None and config.engine.screen is not None:
         records = screening.screen(config, targeting, session.evaluator, study, subset, progress=progress)
         kept = screening.enqueue_best(study, config, records)
         if kept:
