@@ -147,7 +147,7 @@ def test_sensitivity_curves_resume_after_an_interruption(tmp_path, tiny_data, mo
 
 
 def test_latency_target_lands_on_measured_latency(tmp_path, tiny_data):
-    target = {"name": "cpu", "backend": "onnxruntime", "threads": 1, "min_runs": 5, "max_runs": 20, "warmup": 2}
+    target = {"name": "cpu", "backend": "onnxruntime", "threads": 1, "min_runs": 5, "max_runs": 15, "warmup": 2}
     config = _config(
         tmp_path,
         tiny_data,
