@@ -116,15 +116,15 @@ def test_several_target_values_give_one_uniform_each(tmp_path, tiny_data):
 
 
 def test_screening_fine_tunes_only_the_top_k_and_resumes(tmp_path, tiny_data, monkeypatch):
-    screen = {"candidates": 12, "keep": 3, "images": 6}
+    screen = {"candidates": 24, "keep": 3, "images": 6}
     config = _config(tmp_path, tiny_data, "screen", engine={"sampler": "random", "seed": 0, "screen": screen},
                      budget={"trials": 4})  # fmt: skip
     study = _interrupted_at(monkeypatch, config, 6)
     assert sum(k.startswith(screening.PREFIX) for k in study.user_attrs) == 5  # kept across the interruption
     calls = _counting(monkeypatch)
     study = run_search(config, progress=False)
-    assert calls["n"] == 12 - 5  # only the rest was scored
-    records = [study.user_attrs[f"{screening.PREFIX}{i}"] for i in range(12)]
+    assert calls["n"] == 24 - 5  # only the rest was scored
+    records = [study.user_attrs[f"{screening.PREFIX}{i}"] for i in range(24)]
     top = sorted((r["score"] for r in records if r["score"] is not None), reverse=True)[:3]
     screened = [t for t in _complete(study) if "screen_rank" in t.user_attrs]
     assert sorted(t.user_attrs["screen_score"] for t in screened) == sorted(top)
@@ -132,6 +132,15 @@ def test_screening_fine_tunes_only_the_top_k_and_resumes(tmp_path, tiny_data, mo
     _check_on_target(study)
     stored = study.user_attrs[screening.FIDELITY_ATTR]
     assert stored[0]["n"] == 3 and "tau" in stored[0] and "p" in stored[0]
+    from yoloprune.search.results import render_results
+
+    shown = render_results(config)
+    assert "screening vs proxy at 0.3: Kendall tau" in shown and "(p " in shown
+    assert "against uniform pruning at the same flops_reduction:" in shown
+    from yoloprune.search.report import write_report
+
+    page = write_report(config).path.read_text()
+    assert "id='versus-uniform'" in page and "screening vs proxy at 0.3" in page
 
 
 def test_sensitivity_curves_resume_after_an_interruption(tmp_path, tiny_data, monkeypatch):
