@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch_pruning as tp
@@ -178,22 +179,25 @@ def dependency_pruner(
     importance: str = "l1",
     *,
     prune_head: bool = False,
+    also_ignored: Sequence[nn.Module] = (),
+    **options: Any,
 ) -> tp.pruner.BasePruner:
     """Torch-Pruning's pruner over a C2f-split model (in eval mode), with this project's ignored layers.
 
-    One place builds it, so pruning and the cost model (:mod:`yoloprune.pruning.widths`) see the same
-    dependency groups.
+    One place builds it, so pruning, global pruning and the cost model (:mod:`yoloprune.pruning.widths`)
+    see the same dependency groups. ``options`` override the defaults (no ratio for layers not in
+    ``ratio_dict``, no Torch-Pruning rounding: :func:`kept_width` rounds to the nearest multiple).
     """
     device = next(split.parameters()).device
+    settings: dict[str, Any] = {"pruning_ratio": 0.0, "round_to": None, **options}
     return tp.pruner.BasePruner(
         split,
         example_inputs=torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device),
         importance=IMPORTANCES[importance](),
-        pruning_ratio=0.0,  # stages not named are not pruned
         pruning_ratio_dict=ratio_dict,
-        ignored_layers=ignored_layers(split, prune_head=prune_head),
-        round_to=None,  # kept widths are rounded by kept_width, to the nearest multiple
+        ignored_layers=[*ignored_layers(split, prune_head=prune_head), *also_ignored],
         output_transform=_flatten_outputs,
+        **settings,
     )
 
 
@@ -262,16 +266,16 @@ def _pruned_global(
     with torch.random.fork_rng(devices=[]):
         if seed is not None:
             torch.manual_seed(seed)
-        pruner = tp.pruner.BasePruner(
+        pruner = dependency_pruner(
             probe,
-            example_inputs=torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=next(probe.parameters()).device),
-            importance=IMPORTANCES[importance](),
+            {},
+            importance,
+            prune_head=HEAD in named,
+            also_ignored=outside,
             pruning_ratio=max(ratios[n] for n in named),
             global_pruning=True,
             max_pruning_ratio=0.9,
-            ignored_layers=[*ignored_layers(probe, prune_head=HEAD in named), *outside],
             round_to=round_to if round_to > 1 else None,
-            output_transform=_flatten_outputs,
         )
         try:
             for group in pruner.step(interactive=True):  # the widths only: the groups are never pruned
@@ -308,6 +312,11 @@ def _pruned_global(
     return _pruned(work, by_width, importance, seed, prune_head=HEAD in named)
 
 
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """One filter per channel: its width is its input's."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
 def head_outputs(head: nn.Module) -> list[nn.Module]:
     """The Detect head's modules whose output widths the ``head`` stage does not choose: each branch's final
     prediction conv, the DFL, and a depthwise conv on the head's input (YOLO11's class branch), whose width
@@ -319,7 +328,7 @@ def head_outputs(head: nn.Module) -> list[nn.Module]:
                 last = list(branch.children())[-1] if isinstance(branch, nn.Sequential) else branch
                 fixed.append(last)
                 first = next((m for m in branch.modules() if isinstance(m, nn.Conv2d)), None)
-                if first is not None and first.groups > 1 and first.groups == first.in_channels:
+                if first is not None and is_depthwise(first):
                     fixed.append(first)
     return fixed
 

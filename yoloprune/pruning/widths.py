@@ -8,7 +8,7 @@ every convolution and batch norm: a conv's FLOPs and weights scale with its kept
 channels (output only for depthwise convs). Everything else in the network keeps its cost.
 
 The model is exact for the convolutional detectors this project prunes (tested against pruning and
-counting for real on YOLOv5u, v8, v10, 11 and 26); :meth:`CostModel.verify` checks one allocation against
+counting for real on YOLOv5u, v8 and 11; checked by hand on v8s, v10 and 26); :meth:`CostModel.verify` checks one allocation against
 a real pruning. An architecture with a module it cannot account for (YOLOv6's transposed convolutions,
 grouped convolutions) is costed by pruning for real instead, about a second per allocation.
 """
@@ -26,7 +26,7 @@ from torch import nn
 from yoloprune.errors import ModelError
 from yoloprune.log import get_logger
 from yoloprune.pruning.costs import count_params, flops_by_module, measure_costs
-from yoloprune.pruning.prune import dependency_pruner, prune, ratio_per_conv
+from yoloprune.pruning.prune import dependency_pruner, is_depthwise, prune, ratio_per_conv
 from yoloprune.pruning.stages import HEAD, check_ratios, find_stages
 from yoloprune.ultra.blocks import split_c2f_blocks
 from yoloprune.ultra.models import DetectionModel, check_detector
@@ -197,7 +197,7 @@ def _trace(model: DetectionModel, imgsz: int, prune_head: bool) -> tuple[Detecti
                 continue
             if graph.is_out_channel_pruning_fn(handler):
                 outs.add(mod_index(target))
-            elif graph.is_in_channel_pruning_fn(handler) and isinstance(target, nn.Conv2d) and not _depthwise(target):
+            elif graph.is_in_channel_pruning_fn(handler) and isinstance(target, nn.Conv2d) and not is_depthwise(target):
                 # (a depthwise conv narrows through its output channels.) One group may feed a conv several
                 # times (SPPF, C2f concats): one input slice per copy.
                 copies, rest = divmod(len(idxs), channels)
@@ -208,18 +208,14 @@ def _trace(model: DetectionModel, imgsz: int, prune_head: bool) -> tuple[Detecti
     return split, groups, mods
 
 
-def _depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-
-
 def _describe(name: str, module: nn.Module, flops: float) -> _Mod:
     if isinstance(module, nn.BatchNorm2d):
         affine = module.weight.numel() if module.weight is not None else 0
         bias = module.bias.numel() if module.bias is not None else 0
         return _Mod(name, "bn", module.num_features, module.num_features, 0.0, affine, bias)
     assert isinstance(module, nn.Conv2d)
-    if module.groups > 1 and not _depthwise(module):
+    if module.groups > 1 and not is_depthwise(module):
         raise _Unsupported(f"the cost model does not handle grouped convolutions ('{name}')")
     bias = module.bias.numel() if module.bias is not None else 0
-    kind = "dwconv" if _depthwise(module) else "conv"
+    kind = "dwconv" if is_depthwise(module) else "conv"
     return _Mod(name, kind, module.out_channels, module.in_channels, flops, module.weight.numel(), bias)

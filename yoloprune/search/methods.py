@@ -26,7 +26,6 @@ from yoloprune.pruning.widths import CostModel
 from yoloprune.search.targets import (
     Family,
     bounds_family,
-    searched,
     uniform_family,
 )
 from yoloprune.spaces import SearchSpace
@@ -127,7 +126,7 @@ def sensitivity_family(ctx: MethodContext) -> Family:
     ``drop(r) - lam * saved(r)``, where ``drop`` is the stage's measured relative mAP drop when pruned alone
     (interpolated) and ``saved`` the FLOPs reduction it gives alone. Position 0 is ``lam`` 0 (least pruning),
     1 is infinite ``lam`` (most); the bisection finds the ``lam`` that meets the target."""
-    stages = searched(ctx.space)
+    stages = ctx.space.searched()
     missing = sorted(set(stages) - set(ctx.curves))
     if missing:
         raise ConfigError(f"the sensitivity curves lack stage(s) {', '.join(missing)}; they are measured first.")

@@ -47,7 +47,7 @@ def make_sampler(
 ) -> optuna.samplers.BaseSampler:
     """The sampler named in the config. TPE and NSGA-II see the constraints (:func:`set_constraints`).
 
-    ``uniform`` and ``sensitivity`` queue all their candidates: a random sampler only answers parameters
+    ``uniform``, ``sensitivity`` and ``tp_global`` queue all their candidates: a random sampler only answers parameters
     a queued trial does not fix. ``target_values``: the cost target's values when it lists several (a
     categorical parameter of every trial).
 

@@ -223,10 +223,9 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
     if config.cost_target is not None:
         lines.append(f"against uniform pruning at the same {config.cost_target.metric}:")
         lines.extend(f"  {line}" for line in describe_versus_uniform(versus_uniform(trials), config.cost_target.metric))
-    head_trials = [c for c in trials.columns if c == "ratio.head"]
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
     front = pareto_front(trials, config)
-    if head_trials and base and not front.empty and (front["ratio.head"].fillna(0) > 0).any():
+    if "ratio.head" in front and base and (front["ratio.head"].fillna(0) > 0).any():
         best = int(front["trial"].iloc[0])
         lines.append(f"per-class AP50-95 of trial {best}, which prunes the head (rare classes suffer first):")
         lines.append(format_table(per_class_change(study, best, base)))

@@ -177,10 +177,9 @@ def run_search(
 def _after_search(study: optuna.Study) -> None:
     from yoloprune.search import screening
 
-    if any("screen_score" in t.user_attrs for t in study.get_trials(deepcopy=False)):
-        records = screening.agreement(study)
-        if records:
-            LOGGER.info(screening.describe(records))
+    records = screening.agreement(study)  # [] when no screened trial finished
+    if records:
+        LOGGER.info(screening.describe(records))
 
 
 class _Reaper(threading.Thread):

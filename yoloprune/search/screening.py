@@ -25,7 +25,6 @@ from yoloprune.data.check import DatasetInfo
 from yoloprune.log import get_logger
 from yoloprune.search.methods import TARGET_PARAM
 from yoloprune.search.targeting import Targeting
-from yoloprune.search.targets import searched
 from yoloprune.spaces import SearchSpace
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ FIDELITY_ATTR = "screen_fidelity"
 def random_params(space: SearchSpace, rng: random.Random) -> dict[str, Any]:
     """One allocation drawn uniformly from the space (on each stage's grid where it has a step)."""
     params: dict[str, Any] = {}
-    for name, r in searched(space).items():
+    for name, r in space.searched().items():
         params[f"ratio.{name}"] = rng.choice(r.values()) if r.step is not None else round(rng.uniform(r.low, r.high), 6)
     for key, choices in (("importance", space.importance), ("round_to", space.round_to)):
         if isinstance(choices, list):

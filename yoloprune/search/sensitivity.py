@@ -43,7 +43,7 @@ class StageSensitivity:
 
 
 def searched_stages(config: ExperimentConfig) -> dict[str, RatioRange]:
-    return {n: r for n, r in config.space.ratios.items() if isinstance(r, RatioRange) and r.low != r.high}
+    return config.space.searched()
 
 
 def scan(
@@ -71,8 +71,7 @@ def scan(
         raise ConfigError(f"--ratio {ratio} must lie in (0, 0.95).")
     exp = exp or prepare(config)
     study = study or open_study(config)
-    importance = config.space.importance if isinstance(config.space.importance, str) else config.space.importance[0]
-    round_to = config.space.round_to if isinstance(config.space.round_to, int) else config.space.round_to[0]
+    importance, round_to = config.space.importances[0], config.space.round_tos[0]
     rows = []
     with ultralytics_quiet():
         session = start_session(exp, study, finetune=config.finetune.model_copy(update={"epochs": epochs}))
@@ -175,35 +174,31 @@ def measure_curves(
     interrupted measurement resumes where it stopped.
     """
     stages = searched_stages(config)
-    importance = config.space.importance if isinstance(config.space.importance, str) else config.space.importance[0]
-    round_to = config.space.round_to if isinstance(config.space.round_to, int) else config.space.round_to[0]
+    importance, round_to = config.space.importances[0], config.space.round_tos[0]
     stored = study.user_attrs
-    plan = [("base", Candidate({}, importance, round_to))]
+    plan: list[tuple[str, float]] = [("base", 0.0)]
     for name, r in stages.items():
-        for k in range(points):
-            ratio = round(r.low + (r.high - r.low) * k / max(points - 1, 1), 4)
-            plan.append((f"{name}:{ratio}", Candidate({name: ratio}, importance, round_to)))
-    scores: dict[str, float] = {}
-    todo = sum(1 for key, _ in plan if f"{CURVE_PREFIX}{key}" not in stored)
+        plan += [(name, round(r.low + (r.high - r.low) * k / max(points - 1, 1), 4)) for k in range(points)]
+    scores: dict[tuple[str, float], float] = {}
+    keys = {point: CURVE_PREFIX + ("base" if point[0] == "base" else f"{point[0]}:{point[1]}") for point in plan}
+    todo = sum(1 for key in keys.values() if key not in stored)
     bar = tqdm(total=len(plan), initial=len(plan) - todo, desc="sensitivity curves", unit="point",
                disable=not progress, dynamic_ncols=True)  # fmt: skip
     with bar:
-        for key, candidate in plan:
-            full = f"{CURVE_PREFIX}{key}"
-            if full not in stored:
-                score, _ = evaluator.screen_score(candidate, subset)
-                study.set_user_attr(full, score)
-                bar.update(1)
-                bar.set_postfix_str(f"{key} mAP50-95 {score:.3f}")
-                scores[key] = score
-            else:
-                scores[key] = float(stored[full])
-    base = scores["base"]
+        for (stage, ratio), key in keys.items():
+            if key in stored:
+                scores[stage, ratio] = float(stored[key])
+                continue
+            candidate = Candidate({} if stage == "base" else {stage: ratio}, importance, round_to)
+            scores[stage, ratio], _ = evaluator.screen_score(candidate, subset)
+            study.set_user_attr(key, scores[stage, ratio])
+            bar.update(1)
+            bar.set_postfix_str(f"{key.removeprefix(CURVE_PREFIX)} mAP50-95 {scores[stage, ratio]:.3f}")
+    base = scores["base", 0.0]
     curves: dict[str, list[tuple[float, float]]] = {}
     for name in stages:
-        points_ = sorted((float(k.split(":")[1]), v) for k, v in scores.items() if k.split(":")[0] == name)
         drops, worst = [], 0.0
-        for ratio, score in points_:
+        for ratio, score in sorted((r, v) for (s, r), v in scores.items() if s == name):
             worst = max(worst, 1.0 - score / base if base > 0 else 0.0)
             drops.append((ratio, worst))
         curves[name] = drops

@@ -20,9 +20,7 @@ from yoloprune.search.targets import (
     Lander,
     Landing,
     LatencyModel,
-    fixed,
     land_on_latency,
-    searched,
     uniform_family,
 )
 from yoloprune.spaces import Candidate
@@ -92,25 +90,21 @@ class Targeting:
             return self.values[0]
         return float(trial.suggest_categorical(TARGET_PARAM, self.values))
 
-    def round_to_choices(self) -> list[int]:
-        rt = self.space.round_to
-        return [rt] if isinstance(rt, int) else list(rt)
-
     def calibrate(self) -> None:
         """For a latency target: measure uniform pruning at the bottom, middle and top of the space."""
         if self.latency is None or self._measure is None:
             return
         family = uniform_family(self.space)
-        round_to = self.round_to_choices()[0]
+        round_to = self.space.round_tos[0]
         for s in (0.0, 0.5, 1.0):
             self._measured(family(s), round_to)
 
     def check(self) -> list[Landing]:
         """Before any training: every target value is reachable, and uniform pruning lands on each within
         the tolerance (else the tolerance is finer than the space's cost steps). Returns uniform's landings."""
-        for round_to in self.round_to_choices():
+        for round_to in self.space.round_tos:
             self.lander.check(self.values, round_to)
-        round_to = self.round_to_choices()[0]
+        round_to = self.space.round_tos[0]
         landings = []
         for v in self.values:
             landing = self._land(uniform_family(self.space), v, round_to)
@@ -160,7 +154,7 @@ class Targeting:
 
         def reduction(s: float) -> float:
             if s not in cache:
-                ratios = {**fixed(self.space), **family(s)}
+                ratios = {**self.space.fixed(), **family(s)}
                 pruned = Candidate(ratios, proposal.importance, proposal.round_to, global_ranking=True).apply(
                     self.costs.model
                 )
@@ -209,7 +203,7 @@ class Targeting:
 
     def _measured(self, ratios: dict[str, float], round_to: int, *, global_ranking: bool = False) -> float:
         assert self._measure is not None and self.latency is not None
-        full = {**fixed(self.space), **ratios}
+        full = {**self.space.fixed(), **ratios}
         reduction = self._measure(full, round_to, global_ranking)
         if not global_ranking:  # its widths are not the cost model's: keep it out of the latency model
             flops_ratio = 1.0 - self.costs.cost(full, round_to).flops_reduction
@@ -230,14 +224,13 @@ def enqueue_at_targets(study: optuna.Study, targeting: Targeting, method: str) -
         for t in study.get_trials(deepcopy=False)
         if t.user_attrs.get("method") == method and "target_value" in t.user_attrs
     }
-    round_to = targeting.round_to_choices()[0]
-    middle = {n: (r.low + r.high) / 2 for n, r in searched(space).items()}
+    importance, round_to = space.importances[0], space.round_tos[0]
+    middle = {n: (r.low + r.high) / 2 for n, r in space.searched().items()}
     queued = []
     for value in targeting.values:
         if value in done:
             continue
-        importance = space.importance if isinstance(space.importance, str) else space.importance[0]
-        landing = targeting.land(method, Candidate({**fixed(space), **middle}, importance, round_to), value)
+        landing = targeting.land(method, Candidate({**space.fixed(), **middle}, importance, round_to), value)
         params: dict[str, Any] = space.snap(
             {
                 **{f"ratio.{n}": v for n, v in landing.ratios.items()},
@@ -268,8 +261,7 @@ def session_targeting(session: Session) -> Targeting:
     key = f"latency_ms.{name}"
 
     def measure(ratios: dict[str, float], round_to: int, global_ranking: bool = False) -> float:
-        importance = config.space.importance if isinstance(config.space.importance, str) else config.space.importance[0]
-        candidate = Candidate(ratios, importance, round_to, global_ranking=global_ranking)
+        candidate = Candidate(ratios, config.space.importances[0], round_to, global_ranking=global_ranking)
         measured, _ = hardware.measure(candidate.apply(exp.base))
         return 1.0 - measured[key] / session.baseline[key]
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from yoloprune.errors import ConfigError
-from yoloprune.spaces import RatioRange, SearchSpace
+from yoloprune.spaces import SearchSpace
 
 #: An allocation of the searched stages as a function of position in [0, 1] (more pruning as it grows).
 Family = Callable[[float], dict[str, float]]
@@ -31,23 +31,9 @@ _BISECTIONS = 40
 _DIGITS = 6  # ratios are stored rounded, so the family rounds before it is costed
 
 
-def searched(space: SearchSpace) -> dict[str, RatioRange]:
-    """The stages a method allocates: ratio ranges with ``low < high`` (fixed stages keep their value)."""
-    return {n: r for n, r in space.ratios.items() if isinstance(r, RatioRange) and r.low != r.high}
-
-
-def fixed(space: SearchSpace) -> dict[str, float]:
-    """The stages every candidate prunes at one value."""
-    return {
-        n: (r.low if isinstance(r, RatioRange) else float(r))
-        for n, r in space.ratios.items()
-        if n not in searched(space)
-    }
-
-
 def bounds_family(space: SearchSpace, proposal: Mapping[str, float]) -> Family:
     """``proposal`` at position 0.5; below, each stage moves towards its ``low`` in proportion, above towards its ``high``."""
-    stages = searched(space)
+    stages = space.searched()
 
     def at(s: float) -> dict[str, float]:
         out = {}
@@ -63,7 +49,7 @@ def bounds_family(space: SearchSpace, proposal: Mapping[str, float]) -> Family:
 def uniform_family(space: SearchSpace) -> Family:
     """One ratio ``u`` on every searched stage (clipped to each stage's range), ``u`` from the lowest ``low``
     at position 0 to the highest ``high`` at 1."""
-    stages = searched(space)
+    stages = space.searched()
     lo, hi = min(r.low for r in stages.values()), max(r.high for r in stages.values())
 
     def at(s: float) -> dict[str, float]:
@@ -75,7 +61,7 @@ def uniform_family(space: SearchSpace) -> Family:
 
 def uniform_ratio(space: SearchSpace, ratios: Mapping[str, float]) -> float:
     """The shared ratio of a uniform allocation (the largest one: stages clipped by their range hold less)."""
-    return max(float(ratios[n]) for n in searched(space))
+    return max(float(ratios[n]) for n in space.searched())
 
 
 @dataclass(frozen=True)
@@ -124,8 +110,8 @@ class Lander:
         self.metric = metric
         self.tolerance = tolerance
         self._reduction = reduction
-        self._fixed = fixed(space)
-        self._stages = list(searched(space))
+        self._fixed = space.fixed()
+        self._stages = list(space.searched())
         if not self._stages:
             raise ConfigError("cost_target needs at least one searched stage (a ratio range with low < high).")
 
@@ -225,7 +211,7 @@ class Lander:
         b: float | None = None,
     ) -> None:
         """Bisect stage ``name`` alone (the others as in ``ratios``) between ``a`` and ``b`` (default: its range)."""
-        r = searched(self.space)[name]
+        r = self.space.searched()[name]
         a = r.low if a is None else a
         b = r.high if b is None else b
         for _ in range(_BISECTIONS):

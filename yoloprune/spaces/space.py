@@ -96,6 +96,28 @@ class SearchSpace(BaseModel):
             raise ValueError("round_to values must be >= 1")
         return v
 
+    def searched(self) -> dict[str, RatioRange]:
+        """The stages a search allocates: ratio ranges with ``low < high``."""
+        return {n: r for n, r in self.ratios.items() if isinstance(r, RatioRange) and r.low != r.high}
+
+    def fixed(self) -> dict[str, float]:
+        """The stages every candidate prunes at one value."""
+        return {
+            n: (r.low if isinstance(r, RatioRange) else float(r))
+            for n, r in self.ratios.items()
+            if n not in self.searched()
+        }
+
+    @property
+    def importances(self) -> list[str]:
+        """The importance criteria a candidate may use (the first is the default)."""
+        return [self.importance] if isinstance(self.importance, str) else list(self.importance)
+
+    @property
+    def round_tos(self) -> list[int]:
+        """The ``round_to`` values a candidate may use (the first is the default)."""
+        return [self.round_to] if isinstance(self.round_to, int) else list(self.round_to)
+
     def check_stages(self, stage_names: Sequence[str]) -> None:
         """Raise :class:`SearchSpaceError` for a stage the model does not have (or the head)."""
         for name in self.ratios:
