@@ -96,6 +96,18 @@ def test_sensitivity_scan_warm_start_and_fidelity_through_the_cli(tmp_path, tiny
     results = _run("results", str(cfg_path), cwd=tmp_path)
     assert "proxy fidelity: Kendall tau" in results.stdout and "over 3 trials" in results.stdout
 
+    # The calibration reuses fidelity's three 2-epoch fine-tunes (stored one by one) and adds the base's
+    # references; this untrained tiny base has mAP 0, so there is nothing to fit and constraints stay on the proxy.
+    bad = _run("calibrate", str(cfg_path), "--candidates", "2", "--epochs", "2", cwd=tmp_path)
+    assert bad.returncode == 2 and "at least 3" in bad.stderr
+    proc = _run("calibrate", str(cfg_path), "--candidates", "3", "--epochs", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    attrs = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url).user_attrs
+    longs = {k for k in attrs if k.startswith("long_finetune:2:")}
+    assert {f"long_finetune:2:{n}" for n in record["trials"]} <= longs and len(longs) <= 4
+    assert "reference:2" in attrs and "reference:1" in attrs
+    assert "no calibration: the baseline's mAP50-95 is 0" in proc.stdout and proc.stdout.count("trial ") >= 3
+
 
 def test_progressive_distilled_proxy_reaches_the_one_shot_architecture(tiny_data, tmp_path, monkeypatch):
     """finetune.rounds=2: prune to half the ratios, fine-tune, prune to the full ratios, fine-tune; each with

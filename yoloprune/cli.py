@@ -121,6 +121,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--storage", help="override the storage URL")
     s.set_defaults(func=_cmd_fidelity)
 
+    s = sub.add_parser(
+        "calibrate",
+        help="long-fine-tune a few trials (uniform first): predict each trial's drop after the export's fine-tune",
+    )
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument(
+        "--candidates", type=int, default=4, help="trials to long-fine-tune, uniform first (default 4, min 3)"
+    )
+    s.add_argument("--epochs", type=int, default=30, help="the long fine-tune: use the export's --epochs (default 30)")
+    s.add_argument("--max-error", type=float, default=0.02,
+                   help="largest leave-one-out error (absolute drop) at which constraints use predictions (0.02)")  # fmt: skip
+    s.add_argument("--no-reference", action="store_true",
+                   help="skip fine-tuning the unpruned base as long (the like-for-like reference)")  # fmt: skip
+    s.add_argument("--storage", help="override the storage URL")
+    s.set_defaults(func=_cmd_calibrate)
+
     s = sub.add_parser("db", help="database maintenance: `db upgrade` brings an older schema to this version")
     s.add_argument("action", choices=["upgrade", "check"])
     s.add_argument("config", nargs="?", help="experiment YAML (its storage), or give --storage")
@@ -398,6 +414,43 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
     for number, r in result.trials.items():
         print(f"trial {number:4d}  proxy mAP50-95 {r['proxy']:.4f}  after {result.epochs} epochs {r['long']:.4f}")
     print(describe(asdict(result)))
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search.calibration import calibrate, describe
+    from yoloprune.search.optuna_engine import open_study
+
+    config = load_config(args.config, _overrides(args))
+    run = calibrate(
+        config, candidates=args.candidates, epochs=args.epochs, max_error=args.max_error,
+        with_reference=not args.no_reference,
+    )  # fmt: skip
+    base = float(run.baseline["map50_95"])
+    ref, proxy_ref = run.reference, run.proxy_reference
+    print(
+        f"baseline mAP50-95 {base:.4f}"
+        + (f"; fine-tuned {args.epochs} more epochs: {ref['map50_95']:.4f}" if ref else "")
+    )
+    if proxy_ref:
+        print(f"the base fine-tuned for the proxy's {config.finetune.epochs} epochs: {proxy_ref['map50_95']:.4f}")
+    points = run.calibration.points if run.calibration else {}
+    for number, r in run.results.items():
+        line = (
+            f"trial {number:4d}  proxy mAP50-95 {r['proxy']:.4f} (drop {100 * (1 - r['proxy'] / base):.1f}%)  "
+            f"after {args.epochs} epochs {r['final']:.4f} (drop {100 * (1 - r['final'] / base):.1f}%"
+        )
+        if ref:
+            line += f"; {100 * (1 - r['final'] / ref['map50_95']):.1f}% against the base fine-tuned as long"
+        line += ")"
+        if number in points:
+            line += f"  leave-one-out prediction {100 * points[number]['loo_prediction']:.1f}%"
+        print(line)
+    if run.error:
+        print(f"WARNING: no calibration: {run.error}; constraints stay judged on the raw proxy")
+    for line in describe(run.calibration, open_study(config, create=False)):
+        print(line)
     return 0
 
 

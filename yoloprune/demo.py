@@ -20,7 +20,10 @@ from yoloprune.log import get_logger
 from yoloprune.ultra.offline import ultralytics_quiet, yoloprune_home
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from yoloprune.config import ExperimentConfig
+    from yoloprune.ultra.train import FinetuneResult
 
 LOGGER = get_logger(__name__)
 
@@ -46,6 +49,16 @@ FULL = DemoSetup(
 )
 QUICK = DemoSetup(SyntheticSpec(n_train=32, n_val=16, imgsz=128), base_epochs=2)
 
+# The headline benchmark's sets (experiments/search_quality.py): at 128 px so a base trains to convergence
+# on 2 CPU cores (100 epochs, ~20 min). BENCH has the demo's kind of images; BENCH_SMALL many small objects.
+BENCH = DemoSetup(
+    SyntheticSpec(n_train=400, n_val=200, imgsz=128, clutter=2.0, max_objects=4, min_size=0.06), base_epochs=100
+)
+BENCH_SMALL = DemoSetup(
+    SyntheticSpec(n_train=400, n_val=200, imgsz=128, clutter=4.0, max_objects=12, min_size=0.05, max_size=0.2),
+    base_epochs=100,
+)
+
 
 def demo_dataset(setup: DemoSetup) -> Path:
     """Generate (or reuse) the demo's synthetic dataset in the yoloprune cache; returns its YAML."""
@@ -57,7 +70,6 @@ def base_model_path(setup: DemoSetup, device: str = "cpu") -> Path:
     """Train the demo's base detector once (cached by its settings) and return its checkpoint path."""
     from yoloprune.ultra.checkpoint import save_checkpoint
     from yoloprune.ultra.models import load_detector
-    from yoloprune.ultra.train import finetune
 
     data = demo_dataset(setup)
     key = _key({"model": setup.model, "epochs": setup.base_epochs, "batch": setup.batch, **asdict(setup.dataset)})
@@ -68,27 +80,10 @@ def base_model_path(setup: DemoSetup, device: str = "cpu") -> Path:
     LOGGER.info("training the base %s for %d epochs (once; cached at %s)", setup.model, setup.base_epochs, path)
     start = time.perf_counter()
     model = load_detector(setup.model, nc=inspect_dataset(data).nc)
-    bar = tqdm(total=setup.base_epochs, desc="training the demo's base model", unit="epoch", dynamic_ncols=True)
-
-    def on_epoch(_epoch: int, metrics: dict[str, float]) -> None:
-        bar.update(1)
-        bar.set_postfix_str(f"mAP50-95 {metrics['map50_95']:.3f}")
-
-    with ultralytics_quiet(), bar:
-        result = finetune(
-            model,
-            data,
-            epochs=setup.base_epochs,
-            imgsz=setup.imgsz,
-            batch=setup.batch,
-            device=device,
-            project=path.parent / "runs",
-            name=path.stem,
-            on_epoch=on_epoch,
-            optimizer="auto",  # training from scratch: Ultralytics' own choice, not the fine-tune recipe
-            warmup_epochs=min(3, setup.base_epochs // 4),
-            close_mosaic=max(1, setup.base_epochs // 4),
-        )
+    result = train_from_scratch(
+        model, data, epochs=setup.base_epochs, imgsz=setup.imgsz, batch=setup.batch, device=device,
+        project=path.parent / "runs", name=path.stem, desc="training the demo's base model",
+    )  # fmt: skip
     save_checkpoint(
         result.model,
         path,
@@ -97,6 +92,47 @@ def base_model_path(setup: DemoSetup, device: str = "cpu") -> Path:
     )
     LOGGER.info("base model trained in %.0f s", time.perf_counter() - start)
     return path
+
+
+def train_from_scratch(
+    model: nn.Module,
+    data: str | Path,
+    *,
+    epochs: int,
+    imgsz: int,
+    project: str | Path,
+    name: str,
+    batch: int = 16,
+    device: str = "cpu",
+    desc: str = "training from scratch",
+    **overrides: Any,
+) -> FinetuneResult:
+    """Train ``model`` from its initial weights with Ultralytics' own recipe (the demo base's, and the benchmark's
+    smaller sibling's): its optimizer choice, a warm-up, mosaic closed for the last quarter. A progress bar per epoch."""
+    from yoloprune.ultra.train import finetune
+
+    bar = tqdm(total=epochs, desc=desc, unit="epoch", dynamic_ncols=True)
+
+    def on_epoch(_epoch: int, metrics: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"mAP50-95 {metrics['map50_95']:.3f}")
+
+    with ultralytics_quiet(), bar:
+        return finetune(
+            model,
+            data,
+            epochs=epochs,
+            imgsz=imgsz,
+            batch=batch,
+            device=device,
+            project=project,
+            name=name,
+            on_epoch=on_epoch,
+            optimizer="auto",  # training from scratch: Ultralytics' own choice, not the fine-tune recipe
+            warmup_epochs=min(3, epochs // 4),
+            close_mosaic=max(1, epochs // 4),
+            **overrides,
+        )
 
 
 #: The demo experiment (``experiments/demo.yaml`` holds the same, and a test keeps them equal). Its

@@ -3,6 +3,7 @@ validate, and write a checkpoint plain Ultralytics loads, a checked ONNX file, a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import time
@@ -51,7 +52,10 @@ def select_trial(
             done = ", ".join(str(t.number) for t in complete)
             raise ConfigError(f"trial {which} is {trial.state.name.lower()}, not complete; complete trials: {done}.")
         return trial
-    feasible = [t for t in complete if t.user_attrs.get("feasible")]
+    from yoloprune.search.calibration import verdicts
+
+    judged = verdicts(study, config)  # on the calibrated final drop when the study has a usable calibration
+    feasible = [t for t in complete if t.number in judged and judged[t.number].feasible]
     if not feasible:
         raise ConfigError(
             f"no feasible trial to call 'best' (constraints: {', '.join(c.describe() for c in config.constraints)}); "
@@ -205,6 +209,8 @@ def export_trial(
     }
     if config.cost_target is not None:
         card["versus_uniform"] = _versus_uniform(config, trial)
+    if epochs > 0:
+        card.update(_recheck(config, trial, epochs, metrics, base_raw))
     engine_path = _build_engine(model, output / f"{stem}.fp16.engine", onnx_path, config.imgsz) if engine else None
     int8_path = int8_engine = None
     if int8:
@@ -327,6 +333,65 @@ def _versus_uniform(config: ExperimentConfig, trial: FrozenTrial) -> dict[str, A
     return out
 
 
+def _recheck(
+    config: ExperimentConfig, trial: FrozenTrial, epochs: int, metrics: dict[str, float], baseline: dict[str, float]
+) -> dict[str, Any]:
+    """The real drop after this fine-tune against the calibration's prediction, and against the base fine-tuned
+    as long; the measurement joins the study's calibration points (and refits it) when the epochs match."""
+    from yoloprune.search import calibration as cal
+    from yoloprune.search.optuna_engine import open_study
+
+    study = open_study(config, create=False)
+    out: dict[str, Any] = {}
+    fitted = cal.stored(study)
+    proxy = trial.user_attrs.get("metrics", {})
+    real = float(metrics["map50_95_drop"])
+    if fitted is not None and "map50_95_drop" in proxy:
+        predicted = fitted.predict(float(proxy["map50_95_drop"]))
+        out["calibration"] = {
+            "epochs": fitted.epochs, "export_epochs": epochs, "used": fitted.usable, "problem": fitted.problem,
+            "error": fitted.error, "predicted_drop": predicted, "real_drop": real,
+            "within_error": abs(real - predicted) <= max(fitted.error, fitted.max_error),
+        }  # fmt: skip
+        if not out["calibration"]["within_error"]:
+            LOGGER.warning(
+                "the export's real mAP50-95 drop %.1f%% is %.1f points from the calibration's prediction %.1f%%",
+                100 * real, 100 * abs(real - predicted), 100 * predicted,
+            )  # fmt: skip
+    if (ref := cal.reference(study, epochs)) is not None and ref["map50_95"] > 0:
+        out["reference"] = {
+            "epochs": epochs,
+            "map50_95": ref["map50_95"],
+            "drop_vs_reference": 1 - metrics["map50_95"] / ref["map50_95"],
+        }
+    if "map50_95" in proxy and trial.user_attrs.get("finetuned", True) and config.finetune.rounds == 1:
+        cal.record_long(
+            study, trial.number, epochs, float(proxy["map50_95"]), float(metrics["map50_95"]), source="export"
+        )
+        if fitted is None or fitted.epochs == epochs:
+            with contextlib.suppress(cal.CalibrationError):
+                cal.refit(study, baseline, epochs=epochs, proxy_epochs=config.finetune.epochs)
+    return out
+
+
+def _recheck_lines(card: dict[str, Any]) -> list[str]:
+    lines = []
+    if c := card.get("calibration"):
+        lines.append(
+            f"Calibrated proxy ({c['epochs']}-epoch fine-tunes, error {100 * c['error']:.1f} points"
+            + ("" if c["used"] else f", not used: {c['problem']}")
+            + f"): predicted mAP50-95 drop {100 * c['predicted_drop']:.1f}%; real drop after this "
+            f"{c['export_epochs']}-epoch fine-tune {100 * c['real_drop']:.1f}%"
+            + ("." if c["within_error"] else " (outside the calibration's error).")
+        )
+    if r := card.get("reference"):
+        lines.append(
+            f"Against the unpruned base fine-tuned the same {r['epochs']} epochs (mAP50-95 {r['map50_95']:.4f}): "
+            f"drop {100 * r['drop_vs_reference']:.1f}%."
+        )
+    return [*lines, ""] if lines else []
+
+
 def _versus_lines(versus: dict[str, Any] | None) -> list[str]:
     if not versus or "uniform mAP50-95" not in versus:
         return []
@@ -366,6 +431,7 @@ def _markdown(card: dict[str, Any]) -> str:
         f"Fine-tuned {card['finetune']['epochs']} epochs.",
         "",
         *_versus_lines(card.get("versus_uniform")),
+        *_recheck_lines(card),
         "| metric | before | after |",
         "|---|---|---|",
         *(

@@ -72,30 +72,22 @@ def choose(study: optuna.Study, top: int, sample: int, seed: int = 0) -> list[op
 
 
 def measure(config: ExperimentConfig, *, top: int = 3, sample: int = 3, epochs: int = 20) -> Fidelity:
-    """Re-train the chosen trials for ``epochs``, compute Kendall's tau, store it on the study."""
+    """Re-train the chosen trials for ``epochs`` (each stored as it finishes), compute Kendall's tau, store it."""
+    from yoloprune.search.calibration import measure_long
     from yoloprune.search.optuna_engine import open_study
-    from yoloprune.search.runner import prepare, start_session
-    from yoloprune.ultra.offline import ultralytics_quiet
 
     if epochs <= config.finetune.epochs:
         raise ConfigError(f"--epochs {epochs} must exceed the proxy's {config.finetune.epochs} fine-tune epochs.")
     study = open_study(config, create=False)
     chosen = choose(study, top, sample, seed=config.engine.seed or 0)
-    exp = prepare(config)
-    long_finetune = config.finetune.model_copy(update={"epochs": epochs, "skip_infeasible": False})
+    measured = measure_long(config, chosen, epochs)
     results: dict[int, dict[str, float]] = {}
-    with ultralytics_quiet():
-        session = start_session(exp, study, measure_latency=False, finetune=long_finetune)
-        for t in chosen:
-            candidate = config.space.candidate_of(t.params, t.user_attrs)
-            result = session.evaluator.evaluate(candidate, name=f"fidelity_{t.number:04d}")
-            results[t.number] = {"proxy": float(t.user_attrs["metrics"]["map50_95"]), "long": result.raw["map50_95"]}
-            if t.user_attrs.get("screen_score") is not None:
-                results[t.number]["screen"] = float(t.user_attrs["screen_score"])
-            LOGGER.info(
-                "trial %d: proxy mAP50-95 %.4f, after %d epochs %.4f",
-                t.number, results[t.number]["proxy"], epochs, results[t.number]["long"],
-            )  # fmt: skip
+    for number, r in measured.items():
+        results[number] = {
+            "proxy": r["proxy"],
+            "long": r["final"],
+            **({"screen": r["screen"]} if "screen" in r else {}),
+        }
     agreement = rank_agreement([r["proxy"] for r in results.values()], [r["long"] for r in results.values()])
     screened = [r for r in results.values() if "screen" in r]
     screen = (

@@ -17,7 +17,7 @@ from plotly.offline import get_plotlyjs
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
-from yoloprune.search.results import front_table, pareto_front, summary_counts, trials_frame
+from yoloprune.search.results import front_table, judged_frame, pareto_front, summary_counts
 
 COLORS = {"front": "#d62728", "feasible": "#1f77b4", "infeasible": "#9e9e9e", "baseline": "#2ca02c"}
 
@@ -37,7 +37,7 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
     from yoloprune.storage import Store
 
     study = open_study(config, create=False)
-    trials = trials_frame(study)
+    trials = judged_frame(study, config)
     counts = summary_counts(trials)
     if counts["complete"] == 0:
         states = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no trials"

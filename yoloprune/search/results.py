@@ -52,6 +52,21 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def judged_frame(study: optuna.Study, config: ExperimentConfig) -> pd.DataFrame:
+    """:func:`trials_frame` with ``feasible`` judged as ``export best`` judges it: on the calibration's predicted
+    final drop when the study has a usable one (``predicted_drop``; the proxy's verdict stays in ``feasible_proxy``)."""
+    from yoloprune.search.calibration import verdicts
+
+    trials = trials_frame(study)
+    if trials.empty:
+        return trials
+    judged = verdicts(study, config)
+    trials["feasible_proxy"] = trials["feasible"]
+    trials["predicted_drop"] = [judged[t].predicted_drop if t in judged else None for t in trials["trial"]]
+    trials["feasible"] = [judged[t].feasible if t in judged else f for t, f in zip(trials["trial"], trials["feasible"])]
+    return trials
+
+
 def pareto_front(trials: pd.DataFrame, config: ExperimentConfig) -> pd.DataFrame:
     """Feasible complete trials not dominated on the config's objectives, best reward first."""
     if trials.empty:
@@ -147,17 +162,22 @@ def front_table(front: pd.DataFrame) -> pd.DataFrame:
     ratio_cols = [c for c in front.columns if c.startswith("ratio.")]
     latency_cols = [c for c in front.columns if c.startswith(("latency_ms.", "latency_ratio."))]
     cols = ["trial", "method", "uniform", "cost_target", *ratio_cols, "importance", "round_to", "map50_95",
-            "map50_95_drop", "gflops", "flops_reduction", "params_reduction", *latency_cols, "reward"]  # fmt: skip
-    for optional in ("method", "uniform", "cost_target"):
+            "map50_95_drop", "predicted_drop", "gflops", "flops_reduction", "params_reduction", *latency_cols, "reward"]  # fmt: skip
+    for optional in ("method", "uniform", "cost_target", "predicted_drop"):
         if optional in front.columns and front[optional].isna().all():
             cols.remove(optional)  # no uniform baseline, no cost target in this search
     table = front[[c for c in cols if c in front.columns]].copy()
     table.columns = [c.removeprefix("ratio.") for c in table.columns]
-    for c in ("map50_95_drop", "flops_reduction", "params_reduction"):
+    for c in ("map50_95_drop", "predicted_drop", "flops_reduction", "params_reduction"):
         if c in table:
             table[c] = (100 * table[c].astype(float)).round(1)
     table = table.rename(
-        columns={"map50_95_drop": "mAP_drop_%", "flops_reduction": "FLOPs_-%", "params_reduction": "params_-%"}
+        columns={
+            "map50_95_drop": "mAP_drop_%",
+            "predicted_drop": "final_drop_%_predicted",
+            "flops_reduction": "FLOPs_-%",
+            "params_reduction": "params_-%",
+        }
     )
     return table.round(4).replace({np.nan: None})
 
@@ -168,7 +188,7 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
     from yoloprune.storage import Store
 
     study = open_study(config, create=False)
-    trials = trials_frame(study)
+    trials = judged_frame(study, config)
     out = config.output_dir
     out.mkdir(parents=True, exist_ok=True)
     trials.to_csv(out / "trials.csv", index=False)
@@ -215,8 +235,9 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
         if fidelity
         else "proxy fidelity: not measured (`yoloprune fidelity CONFIG` re-trains top and random trials)"
     )
-    from yoloprune.search import screening
+    from yoloprune.search import calibration, screening
 
+    lines.extend(calibration.describe(calibration.stored(study), study))
     screened = study.user_attrs.get(screening.FIDELITY_ATTR)
     if screened:
         lines.append(screening.describe(screened))
