@@ -31,6 +31,9 @@ RECIPES: dict[str, dict[str, object]] = {
     "SGD lr0 0.002, nbs = batch": {"optimizer": "SGD", "lr0": 0.002, "nbs": 16},
     "SGD lr0 0.005, nbs = batch": {"optimizer": "SGD", "lr0": 0.005, "nbs": 16},
     "AdamW lr0 2e-4, nbs = batch": {"optimizer": "AdamW", "lr0": 0.0002, "nbs": 16},
+    "SGD lr0 0.002, nbs = batch, round_to 1": {"optimizer": "SGD", "lr0": 0.002, "nbs": 16, "round_to": 1},
+    "SGD lr0 0.001, nbs = batch": {"optimizer": "SGD", "lr0": 0.001, "nbs": 16},
+    "SGD lr0 0.002, nbs = batch, distill 6": {"optimizer": "SGD", "lr0": 0.002, "nbs": 16, "distill": 6.0},
 }
 
 
@@ -50,6 +53,7 @@ def main() -> None:
     p.add_argument("--targets", type=float, nargs="+", default=[0.25, 0.5], help="FLOPs reductions")
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--recipes", nargs="+", type=int, default=None, help="recipe numbers to run (default all)")
     p.add_argument("--output", default="outputs/proxy_recovery")
     args = p.parse_args()
     setup = BENCH
@@ -62,18 +66,27 @@ def main() -> None:
     costs = CostModel(base, setup.imgsz)
     rows = []
     for target in args.targets:
-        ratio = uniform_at(costs, stages, target, args.round_to)
-        with ultralytics_quiet():
-            pruned = prune(base, dict.fromkeys(stages, ratio), round_to=args.round_to)
-            recalibrate_bn(pruned, data, imgsz=setup.imgsz)
-            bn_only = validate(pruned, data, imgsz=setup.imgsz).map50_95
-        print(f"FLOPs -{target:.0%} (uniform {ratio:.3f}): after BN re-estimation only {bn_only:.4f}", flush=True)
-        for name, recipe in RECIPES.items():
+        pruned_at: dict[int, object] = {}
+        for number, (name, options) in enumerate(RECIPES.items()):
+            if args.recipes is not None and number not in args.recipes:
+                continue
+            recipe = dict(options)
+            distill = float(recipe.pop("distill", 0.0))  # type: ignore[arg-type]
+            round_to = int(recipe.pop("round_to", args.round_to))  # type: ignore[call-overload]
+            if round_to not in pruned_at:
+                ratio = uniform_at(costs, stages, target, round_to)
+                with ultralytics_quiet():
+                    pruned_at[round_to] = prune(base, dict.fromkeys(stages, ratio), round_to=round_to)
+                    recalibrate_bn(pruned_at[round_to], data, imgsz=setup.imgsz)
+                    bn_only = validate(pruned_at[round_to], data, imgsz=setup.imgsz).map50_95
+                print(f"FLOPs -{target:.0%}, round_to {round_to} (uniform {ratio:.3f}): after BN re-estimation only "
+                      f"{bn_only:.4f} ({bn_only / base_map:.0%})", flush=True)  # fmt: skip
+            pruned = pruned_at[round_to]
             start = time.perf_counter()
             with ultralytics_quiet():
                 result = finetune(
                     pruned, data, epochs=args.epochs, imgsz=setup.imgsz, project=args.output, name="r",
-                    keep_run=False, warmup_epochs=0, **recipe,
+                    keep_run=False, warmup_epochs=0, teacher=base if distill else None, distill=distill, **recipe,
                 )  # fmt: skip
             curve = [round(e["map50_95"], 4) for e in result.epochs]
             final = result.val.map50_95 if result.val else curve[-1]

@@ -55,7 +55,11 @@ def _study(tmp_path, constraints):
     })  # fmt: skip
     config.output_dir.mkdir(parents=True)
     store = Store(config.storage_url)
-    store.save_baseline(store.experiment_id(config.name, config.model_dump(mode="json")), "k", {"map50_95": BASE, "map50": 0.8, "gflops": 1.0, "params": 1000})
+    store.save_baseline(
+        store.experiment_id(config.name, config.model_dump(mode="json")),
+        "k",
+        {"map50_95": BASE, "map50": 0.8, "gflops": 1.0, "params": 1000},
+    )
     study = open_study(config)
     # Proxy drops 30%..70% (uniform at four ratios, tagged as the runner tags them) and one searched trial.
     for number, (ratio, proxy_drop) in enumerate([(0.2, 0.3), (0.3, 0.4), (0.4, 0.55), (0.5, 0.7), (0.4, 0.35)]):
@@ -64,11 +68,13 @@ def _study(tmp_path, constraints):
         feasible = all(v <= 0 for v in cal.violations(metrics, config.constraints))
         attrs = {"metrics": metrics, "feasible": feasible, "finetuned": True, "reward": 1 - proxy_drop,
                  "uniform": ratio if number < 4 else None, "candidate": {"ratios": {"neck": ratio}}}  # fmt: skip
-        study.add_trial(
-            optuna.trial.create_trial(params={"ratio.neck": ratio}, distributions={
-                "ratio.neck": optuna.distributions.FloatDistribution(0.1, 0.6)}, values=[metrics["map50_95"]],
-                user_attrs={k: v for k, v in attrs.items() if v is not None})  # fmt: skip
+        trial = optuna.trial.create_trial(
+            params={"ratio.neck": ratio},
+            distributions={"ratio.neck": optuna.distributions.FloatDistribution(0.1, 0.6)},
+            values=[metrics["map50_95"]],
+            user_attrs={k: v for k, v in attrs.items() if v is not None},
         )
+        study.add_trial(trial)
     return config, study
 
 

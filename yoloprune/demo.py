@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from yoloprune.config import ExperimentConfig
+    from yoloprune.data.check import DatasetInfo
     from yoloprune.ultra.train import FinetuneResult
 
 LOGGER = get_logger(__name__)
@@ -96,7 +97,7 @@ def base_model_path(setup: DemoSetup, device: str = "cpu") -> Path:
 
 def train_from_scratch(
     model: nn.Module,
-    data: str | Path,
+    data: str | Path | DatasetInfo,
     *,
     epochs: int,
     imgsz: int,
@@ -131,6 +132,7 @@ def train_from_scratch(
             optimizer="auto",  # training from scratch: Ultralytics' own choice, not the fine-tune recipe
             warmup_epochs=min(3, epochs // 4),
             close_mosaic=max(1, epochs // 4),
+            nbs=64,  # Ultralytics' nominal batch (gradient accumulation), as `yolo train` does
             **overrides,
         )
 
