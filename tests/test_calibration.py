@@ -17,25 +17,44 @@ from yoloprune.storage import Store
 BASE = 0.5  # the baseline's mAP50-95
 
 
+def _loo(x, y):
+    out = []
+    for i in range(len(x)):
+        b, a = np.polyfit(np.delete(x, i), np.delete(y, i), 1)
+        out.append(a + b * x[i])
+    return np.array(out)
+
+
 def test_fit_recovers_a_line_and_its_leave_one_out_error():
     exact = {t: (x, 0.02 + 0.25 * x) for t, x in enumerate([0.2, 0.4, 0.6, 0.8])}
     fitted = cal.fit(exact, epochs=30, proxy_epochs=2)
-    assert fitted.intercept == pytest.approx(0.02) and fitted.slope == pytest.approx(0.25)
+    assert fitted.form == "linear" and fitted.intercept == pytest.approx(0.02) and fitted.slope == pytest.approx(0.25)
     assert fitted.error == pytest.approx(0.0, abs=1e-9) and fitted.usable and fitted.problem is None
     assert fitted.predict(0.5) == pytest.approx(0.145)
 
     noisy = {0: (0.2, 0.05), 1: (0.4, 0.12), 2: (0.6, 0.11), 3: (0.8, 0.2)}
     fitted = cal.fit(noisy, epochs=30, proxy_epochs=2, max_error=0.05)
     x, y = np.array([0.2, 0.4, 0.6, 0.8]), np.array([0.05, 0.12, 0.11, 0.2])
-    loo = []
-    for i in range(4):
-        b, a = np.polyfit(np.delete(x, i), np.delete(y, i), 1)
-        loo.append(a + b * x[i])
-    assert fitted.error == pytest.approx(float(np.sqrt(np.mean((np.array(loo) - y) ** 2))))
-    assert [fitted.points[i]["loo_prediction"] for i in range(4)] == pytest.approx(loo)
-    assert fitted.usable  # 0.037 < 0.05
+    errors = {form: float(np.sqrt(np.mean((_loo(cal._transform(x, form), y) - y) ** 2))) for form in cal.FORMS}
+    assert fitted.form == min(errors, key=errors.get) and fitted.error == pytest.approx(min(errors.values()))
+    expected = _loo(cal._transform(x, fitted.form), y)
+    assert [fitted.points[i]["loo_prediction"] for i in range(4)] == pytest.approx(expected)
+    assert fitted.usable  # ~0.037 < 0.05
     assert not cal.fit(noisy, epochs=30, proxy_epochs=2, max_error=0.01).usable
     assert cal.Calibration.from_dict(fitted.as_dict()) == fitted
+
+
+def test_a_proxy_near_zero_is_fitted_on_the_log_of_what_it_kept():
+    """Measured on the benchmark's base (uniform at -25..-70% FLOPs, 2-epoch proxy, 15-epoch fine-tune): the
+    harshest cut keeps 3% of the base's mAP on the proxy and 52% after the long fine-tune. The linear form
+    misses it by 22 points; the log form predicts every point within 2.2."""
+    base = 0.3541
+    proxy, final = [0.2683, 0.2211, 0.0976, 0.0111], [0.3432, 0.3248, 0.2888, 0.1826]
+    drops = {t: (1 - p / base, 1 - f / base) for t, (p, f) in enumerate(zip(proxy, final, strict=True))}
+    fitted = cal.fit(drops, epochs=15, proxy_epochs=2)
+    assert fitted.form == "log" and fitted.error < 0.02 and fitted.usable
+    assert all(abs(p["loo_prediction"] - p["final_drop"]) < 0.025 for p in fitted.points.values())
+    assert 0 < fitted.predict(0.99) <= 1.0  # a proxy at ~0 still predicts a drop below 100%
 
 
 def test_too_few_points_flat_and_inverted_fits_are_refused():

@@ -2,8 +2,10 @@
 
 A short proxy fine-tune measures a pruned model early in its recovery: its relative mAP50-95 drop is far
 larger than the drop the same candidate shows after the export's long fine-tune. ``yoloprune calibrate``
-long-fine-tunes a few trials (uniform pruning first), fits ``final_drop = a + b * proxy_drop`` by least
-squares, and measures the fit's leave-one-out error. While that error is within ``max_error``, ``results``,
+long-fine-tunes a few trials (uniform pruning first), fits ``final_drop = a + b * x`` by least squares, with x
+either the proxy's drop (``linear``) or ``-ln(1 - proxy drop)``, the log of how much of the base's mAP the proxy
+kept (``log``: a proxy near 0 still orders candidates that the long fine-tune brings back to very different
+levels), and keeps the form with the smaller leave-one-out error. While that error is within ``max_error``, ``results``,
 the report and ``export best`` judge accuracy constraints on the *predicted final* drop; otherwise they fall
 back to the raw proxy with a warning. Every long fine-tune is stored on the study as it finishes
 (``long_finetune:<epochs>:<trial>``), so an interrupted calibration resumes, and each ``export`` adds its own
@@ -44,10 +46,11 @@ class CalibrationError(ConfigError):
 
 @dataclass(frozen=True)
 class Calibration:
-    """``final_drop = intercept + slope * proxy_drop`` (relative mAP50-95 drops, fractions of the base's).
+    """``final_drop = intercept + slope * x(proxy_drop)`` (relative mAP50-95 drops, fractions of the base's).
 
     Attributes:
         epochs: the long fine-tune's epochs; proxy_epochs: the proxy's.
+        form: ``linear`` (x = proxy drop) or ``log`` (x = -ln(1 - proxy drop)).
         error: leave-one-out RMS error of the predicted final drop (same unit as the drops).
         max_error: the largest error at which constraints are judged on predictions.
         points: trial number -> ``{"proxy_drop", "final_drop", "loo_prediction"}``.
@@ -60,6 +63,7 @@ class Calibration:
     error: float
     max_error: float
     points: dict[int, dict[str, float]] = field(default_factory=dict)
+    form: str = "linear"
 
     @property
     def n(self) -> int:
@@ -83,7 +87,8 @@ class Calibration:
 
     def predict(self, proxy_drop: float) -> float:
         """The final drop a candidate with this proxy drop is expected to show after the long fine-tune."""
-        return float(self.intercept + self.slope * proxy_drop)
+        x = float(_transform(np.array([proxy_drop]), self.form)[0])
+        return float(min(1.0, self.intercept + self.slope * x))
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -93,7 +98,19 @@ class Calibration:
     @classmethod
     def from_dict(cls, record: Mapping[str, Any]) -> Calibration:
         values = {k: record[k] for k in ("epochs", "proxy_epochs", "intercept", "slope", "error", "max_error")}
-        return cls(**values, points={int(k): dict(v) for k, v in record.get("points", {}).items()})
+        points = {int(k): dict(v) for k, v in record.get("points", {}).items()}
+        return cls(**values, points=points, form=str(record.get("form", "linear")))
+
+
+FORMS = ("linear", "log")
+#: The smallest share of the base's mAP50-95 the log form takes (a proxy at mAP 0 maps to -ln(1e-3) = 6.9).
+_FLOOR = 1e-3
+
+
+def _transform(proxy_drop: np.ndarray, form: str) -> np.ndarray:
+    if form == "linear":
+        return proxy_drop
+    return -np.log(np.maximum(1.0 - proxy_drop, _FLOOR))
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
@@ -123,19 +140,27 @@ def fit(
             f"--candidates {max(MIN_POINTS, 4)} --epochs {epochs}`."
         )
     trials = sorted(drops)
-    x = np.array([drops[t][0] for t in trials], dtype=float)
+    raw = np.array([drops[t][0] for t in trials], dtype=float)
     y = np.array([drops[t][1] for t in trials], dtype=float)
+    fits = [_fit_form(trials, raw, y, form, epochs, proxy_epochs, max_error) for form in FORMS]
+    # Both forms have two parameters: the leave-one-out error picks one (ties: linear, the simpler).
+    return min(fits, key=lambda c: (c.slope <= 0, c.error))
+
+
+def _fit_form(trials: list[int], raw: np.ndarray, y: np.ndarray, form: str, epochs: int, proxy_epochs: int,
+              max_error: float) -> Calibration:  # fmt: skip
+    x = _transform(raw, form)
     intercept, slope = _line(x, y)
     points: dict[int, dict[str, float]] = {}
     residuals = []
     for i, t in enumerate(trials):
         keep = np.arange(len(trials)) != i
         a, b = _line(x[keep], y[keep])
-        loo = a + b * x[i]
+        loo = min(1.0, a + b * x[i])
         residuals.append(loo - y[i])
-        points[t] = {"proxy_drop": float(x[i]), "final_drop": float(y[i]), "loo_prediction": float(loo)}
+        points[t] = {"proxy_drop": float(raw[i]), "final_drop": float(y[i]), "loo_prediction": float(loo)}
     error = float(np.sqrt(np.mean(np.square(residuals))))
-    return Calibration(epochs, proxy_epochs, intercept, slope, error, max_error, points)
+    return Calibration(epochs, proxy_epochs, intercept, slope, error, max_error, points, form)
 
 
 # --- what the study stores ------------------------------------------------------------------------------
@@ -247,7 +272,8 @@ def describe(calibration: Calibration | None, study: optuna.Study | None = None)
         ]
     fit_line = (
         f"calibration ({calibration.n} trials, {calibration.proxy_epochs}-epoch proxy -> {calibration.epochs}-epoch "
-        f"fine-tune): final drop = {calibration.intercept:+.3f} + {calibration.slope:.2f} x proxy drop, "
+        f"fine-tune): final drop = {calibration.intercept:+.3f} + {calibration.slope:.3f} x "
+        f"{'proxy drop' if calibration.form == 'linear' else '-ln(1 - proxy drop)'}, "
         f"leave-one-out error {100 * calibration.error:.1f} points"
     )
     if calibration.usable:
