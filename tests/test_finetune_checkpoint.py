@@ -162,18 +162,23 @@ def test_bn_recalibration_matches_batch_statistics(tiny_data):
     assert bn.momentum == 0.03 or bn.momentum == pytest.approx(0.03)  # restored (Ultralytics' value)
 
 
-def test_mosaic_override_reaches_the_trainer_and_short_runs_close_mosaic_from_epoch_0(tiny_data, tmp_path):
-    """``finetune(..., mosaic=0.0)`` trains exactly like the default when epochs <= ``close_mosaic`` (10):
-    Ultralytics closes mosaic from the first epoch then. With ``close_mosaic=0`` mosaic stays on and the
-    same seed gives other losses, so the override does reach the trainer."""
+def test_mosaic_override_reaches_the_trainer_and_short_runs_close_mosaic(tiny_data, tmp_path):
+    """``finetune(..., mosaic=0.0)`` reaches the trainer (its saved args say so). A run no longer than
+    ``close_mosaic`` (10) epochs has Ultralytics close mosaic from epoch 0, so the proxy never trains on
+    mosaics either way; with ``close_mosaic=0`` mosaic stays on and the same seed gives other losses."""
     import csv
 
-    def losses(name, **overrides):
+    import yaml
+
+    def run(name, **overrides):
         model = prune(load_detector("yolov8n.yaml", nc=6), RATIOS, round_to=8)
         finetune(model, tiny_data, epochs=1, imgsz=128, batch=8, project=tmp_path, name=name, val=False, **overrides)
         row = next(csv.DictReader((tmp_path / name / "results.csv").open()))
-        return [float(row[k]) for k in ("train/box_loss", "train/cls_loss", "train/dfl_loss")]
+        args = yaml.safe_load((tmp_path / name / "args.yaml").read_text())
+        return [float(row[k]) for k in ("train/box_loss", "train/cls_loss", "train/dfl_loss")], args
 
-    default = losses("default")
-    assert losses("no_mosaic", mosaic=0.0) == default
-    assert losses("mosaic_kept", close_mosaic=0) != default
+    default, args = run("default")
+    _, no_mosaic = run("no_mosaic", mosaic=0.0)
+    assert args["mosaic"] == 1.0 and args["close_mosaic"] == 10 and no_mosaic["mosaic"] == 0.0
+    kept, _ = run("mosaic_kept", close_mosaic=0)
+    assert kept != default

@@ -436,13 +436,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     if proxy_ref:
         print(f"the base fine-tuned for the proxy's {config.finetune.epochs} epochs: {proxy_ref['map50_95']:.4f}")
     points = run.calibration.points if run.calibration else {}
+
+    def drop(value: float, reference: float) -> str:
+        return f"{100 * (1 - value / reference):.1f}%" if reference > 0 else "n/a"
+
     for number, r in run.results.items():
         line = (
-            f"trial {number:4d}  proxy mAP50-95 {r['proxy']:.4f} (drop {100 * (1 - r['proxy'] / base):.1f}%)  "
-            f"after {args.epochs} epochs {r['final']:.4f} (drop {100 * (1 - r['final'] / base):.1f}%"
+            f"trial {number:4d}  proxy mAP50-95 {r['proxy']:.4f} (drop {drop(r['proxy'], base)})  "
+            f"after {args.epochs} epochs {r['final']:.4f} (drop {drop(r['final'], base)}"
         )
         if ref:
-            line += f"; {100 * (1 - r['final'] / ref['map50_95']):.1f}% against the base fine-tuned as long"
+            line += f"; {drop(r['final'], ref['map50_95'])} against the base fine-tuned as long"
         line += ")"
         if number in points:
             line += f"  leave-one-out prediction {100 * points[number]['loo_prediction']:.1f}%"
