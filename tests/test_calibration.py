@@ -147,7 +147,7 @@ def test_the_export_rechecks_the_real_drop_and_adds_its_point(tmp_path):
     assert not check["within_error"]  # 3 points off, while the fit's error is 0 and the limit 2
     assert out["reference"]["drop_vs_reference"] == pytest.approx(1 - 0.45 / 0.52)
     study = open_study(config, create=False)
-    assert cal.long_results(study, 30)[30][4]["source"] == "export"
+    assert cal.long_results(study, 30)[4]["source"] == "export"
     assert cal.stored(study).n == 4  # the export's measurement joined the fit
     lines = "\n".join(_recheck_lines(out))
     assert "predicted mAP50-95 drop 7.0%" in lines and "real drop" in lines and "outside" in lines

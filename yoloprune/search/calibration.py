@@ -171,15 +171,10 @@ def record_long(study: optuna.Study, trial: int, epochs: int, proxy: float, fina
     study.set_user_attr(f"{LONG_PREFIX}{epochs}:{trial}", {"proxy": proxy, "final": final, **extra})
 
 
-def long_results(study: optuna.Study, epochs: int | None = None) -> dict[int, dict[int, dict[str, float]]]:
-    """Stored long fine-tunes: ``{epochs: {trial: {"proxy", "final", ...}}}`` (only ``epochs`` if given)."""
-    out: dict[int, dict[int, dict[str, float]]] = {}
-    for key, value in study.user_attrs.items():
-        if key.startswith(LONG_PREFIX):
-            e, t = key.removeprefix(LONG_PREFIX).split(":")
-            if epochs is None or int(e) == epochs:
-                out.setdefault(int(e), {})[int(t)] = dict(value)
-    return out
+def long_results(study: optuna.Study, epochs: int) -> dict[int, dict[str, float]]:
+    """Stored long fine-tunes of ``epochs``: ``{trial: {"proxy", "final", ...}}``."""
+    prefix = f"{LONG_PREFIX}{epochs}:"
+    return {int(k.removeprefix(prefix)): dict(v) for k, v in study.user_attrs.items() if k.startswith(prefix)}
 
 
 def reference(study: optuna.Study, epochs: int) -> dict[str, float] | None:
@@ -199,7 +194,7 @@ def refit(study: optuna.Study, baseline: Mapping[str, Any], *, epochs: int, prox
     base = float(baseline["map50_95"])
     if base <= 0:
         return None
-    found = long_results(study, epochs).get(epochs, {})
+    found = long_results(study, epochs)
     drops = {t: (1 - r["proxy"] / base, 1 - r["final"] / base) for t, r in found.items()}
     if len(drops) < MIN_POINTS:
         return None
@@ -255,9 +250,7 @@ def verdicts(study: optuna.Study, config: ExperimentConfig) -> dict[int, Verdict
     """:func:`judge` on a study, with its stored calibration and baseline."""
     from yoloprune.storage import Store
 
-    store = Store(config.storage_url)
-    exp_id = store.find_experiment(config.name)
-    base = store.latest_baseline(exp_id) if exp_id is not None else None
+    base = Store(config.storage_url).baseline_of(config.name)
     return judge(
         study.get_trials(deepcopy=False), config.constraints, stored(study), float((base or {}).get("map50_95", 0))
     )
@@ -325,7 +318,7 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
     if epochs <= config.finetune.epochs:
         raise ConfigError(f"--epochs {epochs} must exceed the proxy's {config.finetune.epochs} fine-tune epochs.")
     study = open_study(config, create=False)
-    done = long_results(study, epochs).get(epochs, {})
+    done = long_results(study, epochs)
     todo = [t for t in trials if t.number not in done]
     results = {t.number: done[t.number] for t in trials if t.number in done}
     if todo:
@@ -408,24 +401,18 @@ def calibrate(
     study = open_study(config, create=False)
     chosen = choose(study, candidates)
     results = measure_long(config, chosen, epochs)
-    store = Store(config.storage_url)
-    exp_id = store.find_experiment(config.name)
-    baseline = store.latest_baseline(exp_id) if exp_id is not None else None
+    baseline = Store(config.storage_url).baseline_of(config.name)
     if not baseline:
         raise ConfigError(f"experiment '{config.name}' has no baseline yet; run `yoloprune search` first.")
     ref = proxy_ref = None
     if with_reference:
         ref = measure_reference(config, epochs)
         proxy_ref = measure_reference(config, config.finetune.epochs) if config.finetune.epochs > 0 else None
-    study = open_study(config, create=False)  # re-read the attributes stored meanwhile
-    calibration, problem = None, None
-    try:
-        calibration = refit(study, baseline, epochs=epochs, proxy_epochs=config.finetune.epochs, max_error=max_error)
-    except CalibrationError as e:
-        problem = str(e)
+    calibration = refit(study, baseline, epochs=epochs, proxy_epochs=config.finetune.epochs, max_error=max_error)
+    problem = None
     if float(baseline["map50_95"]) <= 0:
         problem = "the baseline's mAP50-95 is 0: there is no drop to calibrate (give a trained base model)"
-    elif calibration is None and problem is None:
+    elif calibration is None:
         problem = f"only {len(results)} long fine-tunes at {epochs} epochs; a calibration needs {MIN_POINTS}"
     if calibration is not None and not calibration.usable:
         LOGGER.warning("calibration not used: %s; constraints stay judged on the raw proxy", calibration.problem)

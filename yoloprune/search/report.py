@@ -46,9 +46,7 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "trials.csv"
     trials.to_csv(csv, index=False)
-    store = Store(config.storage_url)
-    exp_id = store.find_experiment(config.name)
-    base = (store.latest_baseline(exp_id) if exp_id is not None else None) or {}
+    base = Store(config.storage_url).baseline_of(config.name) or {}
     base = {**base, **study.user_attrs.get("baseline_latency", {})}
     if trial is None:
         try:

@@ -389,6 +389,11 @@ class Store:
             )
             return None if row is None else dict(row.metrics)
 
+    def baseline_of(self, name: str) -> dict[str, Any] | None:
+        """The latest baseline stored for experiment ``name`` (None: no such experiment, or no baseline yet)."""
+        experiment_id = self.find_experiment(name)
+        return None if experiment_id is None else self.latest_baseline(experiment_id)
+
     @retry_transient
     def latest_baseline(self, experiment_id: int) -> dict[str, Any] | None:
         with self.session() as s:
