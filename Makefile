@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev-nni
 
-.PHONY: venv demo test test-fast lint typecheck clean
+.PHONY: venv servers demo test test-fast lint typecheck clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,7 +17,11 @@ venv: $(STAMP)
 demo: venv
 	$(BIN)/yoloprune demo
 
-test: venv
+# PostgreSQL and Chromium for the storage, dashboard and report tests: installed when root on Debian.
+servers:
+	@sh scripts/test-servers.sh
+
+test: venv servers
 	$(BIN)/python -m pytest
 
 test-fast: venv

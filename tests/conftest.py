@@ -57,3 +57,24 @@ def postgres(tmp_path_factory: pytest.TempPathFactory):
         yield cluster
     finally:
         cluster.stop()
+
+
+#: Skip reasons that mean a server is missing, and the package that provides it.
+_SERVERS = {"PostgreSQL server binaries": "postgresql", "Chromium is not installed": "chromium chromium-driver"}
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line naming the tests skipped because a server is missing, and the command that installs it."""
+    missing: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = str(report.longrepr[-1]) if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        for marker, package in _SERVERS.items():
+            if marker in reason:
+                missing[package] = missing.get(package, 0) + 1
+    if missing:
+        packages = " ".join(missing)
+        terminalreporter.write_line(
+            f"skipped {sum(missing.values())} test(s) for want of a server ({packages}): install with "
+            f"`sudo apt-get install -y {packages}`, or run `make test` as root on Debian",
+            yellow=True,
+        )

@@ -58,4 +58,14 @@ def test_train_val_export_touch_no_network(tmp_path, home):
     with open(tmp_path / "demo" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["state"] for r in rows] == ["complete"] * 3
-    assert "Pareto front" in proc.stdout and "baseline: mAP50-95" in proc.stdout
+    assert rows[0]["method"] == "uniform" and rows[1]["screen_rank"] == "0"
+    # The demo's final screen: the baseline, searched against uniform at the same cost, the files, what next.
+    screen = proc.stdout[proc.stdout.index("==== yoloprune demo: finished") :]
+    assert "baseline   builtin:demo-base: mAP50-95" in screen and "latency" in screen
+    assert "at flops_reduction 0.5, after the 1-epoch proxy fine-tune (constraints: map50_95_drop <= 0.05)" in screen
+    assert "searched   trial " in screen and "uniform    trial 0 (ratio " in screen
+    assert "uniform pruning at the same cost by" in screen
+    for part in ("report.html", "study.db", "checkpoints", "yoloprune results", "yoloprune report", "yoloprune nni"):
+        assert part in screen, part
+    assert "yoloprune export" in screen and "--epochs 15" in screen
+    assert (tmp_path / "demo" / "report.html").exists()

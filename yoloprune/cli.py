@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -206,12 +207,18 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout-s", type=float, default=900.0, help="per measurement")
     s.set_defaults(func=_cmd_agent)
 
-    s = sub.add_parser("demo", help="the built-in demo: synthetic data, a cached base model, a search, its front")
+    s = sub.add_parser(
+        "demo",
+        help="the built-in demo: synthetic data, the shipped base, a search at -50%% FLOPs against uniform pruning",
+    )
     s.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")
     s.add_argument("--quick", action="store_true", help="a tiny, fast version (used by the tests)")
     s.add_argument("--trials", type=int, help="override the number of trials")
     s.add_argument("--device", default=None)
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.add_argument(
+        "--train-base", action="store_true", help="train the demo's base from scratch (~15 min) instead of searching"
+    )
     s.set_defaults(func=_cmd_demo)
     return p
 
@@ -605,19 +612,38 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from yoloprune.demo import demo_config
+    import time
 
+    from yoloprune.demo import demo_config, final_screen, train_demo_base
+
+    if args.train_base:
+        info = train_demo_base(device=args.device or "cpu")
+        print(json.dumps(info, indent=1))
+        print(f"trained {info['checkpoint']} (its record: {Path(info['checkpoint']).with_suffix('.json')})")
+        print("use it as `model:` in an experiment config; to ship it, copy both files to yoloprune/assets/ as")
+        print("demo_base.pt and demo_base.json and set SHIPPED_BASE_SHA256 in yoloprune/demo.py to its sha256.")
+        return 0
+    start = time.perf_counter()
     config = demo_config(Path(args.output), quick=args.quick, device=args.device, trials=args.trials)
+    from yoloprune.search.report import write_report
     from yoloprune.search.runner import run_search
 
     try:
         run_search(config, progress=not args.no_progress)
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept; run `make demo` again to resume.", file=sys.stderr)
-        return 130
-    finally:
         print(f"demo config: {config.output_dir / 'experiment.yaml'}")
+        return 130
     _print_results(config)
+    report = write_report(config).path
+    print(
+        final_screen(
+            config,
+            seconds=time.perf_counter() - start,
+            config_path=config.output_dir / "experiment.yaml",
+            report=report,
+        )
+    )
     return 0
 
 
