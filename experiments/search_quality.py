@@ -244,7 +244,9 @@ def summarise(progress: Progress, args: argparse.Namespace) -> pd.DataFrame:
     for dataset in args.datasets:
         base = progress.get(f"{dataset}/base") or {}
         for target in args.targets:
-            names = [*args.methods, *(["sibling"] if target.startswith("flops") and not args.no_sibling else [])]
+            measured = any(progress.get(f"{dataset}/{target}/sibling/{s}") for s in args.seeds)
+            sibling = target.startswith("flops") and (measured or not args.no_sibling)
+            names = [*args.methods, *(["sibling"] if sibling else [])]
             for method in names:
                 found = progress.get(f"{dataset}/{target}/{method}/search") or {}
                 longs = [progress.get(f"{dataset}/{target}/{method}/{'' if method == 'sibling' else 'long/'}{s}")
