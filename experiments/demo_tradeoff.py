@@ -1,11 +1,11 @@
 """Is the demo's trade-off real? Uniform pruning of the shipped demo base at several FLOPs reductions, judged
-by the demo's proxy (BN re-estimation, 2 epochs) and by the export's fine-tune (``--long-epochs``), against
+by the demo's proxy (BN re-estimation, 2 epochs) and by the demo's long fine-tune (``--long-epochs``, as the export), against
 the base and against the base fine-tuned as long (like with like).
 
 The demo preset is meant to be a task yolov8n is over-sized for: a cut of -70% FLOPs must still visibly
 cost accuracy (>= 10% relative mAP50-95), or the data is saturated and the demo shows nothing.
 
-    python experiments/demo_tradeoff.py                  # -50% and -70% FLOPs, 15-epoch fine-tunes (~10 min)
+    python experiments/demo_tradeoff.py                  # -50% and -70% FLOPs, the demo's 10-epoch fine-tunes (~6 min)
     python experiments/demo_tradeoff.py --values 0.3 0.5 0.7 --long-epochs 0   # proxy only
 
 Writes ``docs/benchmarks/demo_tradeoff.json`` and prints a table.
@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from yoloprune.config import config_from_dict
-from yoloprune.demo import DEMO_EXPERIMENT
+from yoloprune.demo import DEMO_EXPERIMENT, LONG
 from yoloprune.search import calibration as cal
 from yoloprune.search.optuna_engine import open_study
 from yoloprune.search.results import trials_frame
@@ -34,7 +34,7 @@ from yoloprune.tables import format_table
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--values", type=float, nargs="+", default=[0.5, 0.7], help="FLOPs reductions")
-    p.add_argument("--long-epochs", type=int, default=15, help="the export's fine-tune (0: proxy only)")
+    p.add_argument("--long-epochs", type=int, default=LONG["epochs"], help="the demo's long fine-tune (0: proxy only)")
     p.add_argument("--output", default="outputs/demo_tradeoff")
     p.add_argument("--json", default="docs/benchmarks/demo_tradeoff.json")
     args = p.parse_args()

@@ -62,10 +62,11 @@ def test_train_val_export_touch_no_network(tmp_path, home):
     # The demo's final screen: the baseline, searched against uniform at the same cost, the files, what next.
     screen = proc.stdout[proc.stdout.index("==== yoloprune demo: finished") :]
     assert "baseline   builtin:demo-base: mAP50-95" in screen and "latency" in screen
-    assert "at flops_reduction 0.5, after the 1-epoch proxy fine-tune (constraints: map50_95_drop <= 0.05)" in screen
-    assert "searched   trial " in screen and "uniform    trial 0 (ratio " in screen
-    assert "uniform pruning at the same cost by" in screen
+    assert "at flops_reduction 0.5: after the 1-epoch proxy, and after 2 epochs as the export fine-tunes" in screen
+    assert "(constraints: map50_95_drop <= 0.05)" in screen
+    assert "searched   trial " in screen and "uniform    trial 0 (ratio " in screen and "(measured)" in screen
+    assert "uniform pruning at the same cost by" in screen and "after 2 epochs" in screen
     for part in ("report.html", "study.db", "checkpoints", "yoloprune results", "yoloprune report", "yoloprune nni"):
         assert part in screen, part
-    assert "yoloprune export" in screen and "--epochs 15" in screen
+    assert "yoloprune export" in screen and "--epochs 2" in screen
     assert (tmp_path / "demo" / "report.html").exists()

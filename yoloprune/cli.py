@@ -612,9 +612,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    import time
-
-    from yoloprune.demo import demo_config, final_screen, train_demo_base
+    from yoloprune.demo import run_demo, train_demo_base
 
     if args.train_base:
         info = train_demo_base(device=args.device or "cpu")
@@ -623,27 +621,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print("use it as `model:` in an experiment config; to ship it, copy both files to yoloprune/assets/ as")
         print("demo_base.pt and demo_base.json and set SHIPPED_BASE_SHA256 in yoloprune/demo.py to its sha256.")
         return 0
-    start = time.perf_counter()
-    config = demo_config(Path(args.output), quick=args.quick, device=args.device, trials=args.trials)
-    from yoloprune.search.report import write_report
-    from yoloprune.search.runner import run_search
-
     try:
-        run_search(config, progress=not args.no_progress)
+        print(run_demo(Path(args.output), quick=args.quick, device=args.device, trials=args.trials,
+                       progress=not args.no_progress))  # fmt: skip
     except KeyboardInterrupt:
         print("\ninterrupted: finished trials are kept; run `make demo` again to resume.", file=sys.stderr)
-        print(f"demo config: {config.output_dir / 'experiment.yaml'}")
         return 130
-    _print_results(config)
-    report = write_report(config).path
-    print(
-        final_screen(
-            config,
-            seconds=time.perf_counter() - start,
-            config_path=config.output_dir / "experiment.yaml",
-            report=report,
-        )
-    )
     return 0
 
 

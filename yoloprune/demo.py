@@ -52,7 +52,7 @@ class DemoSetup:
 #: ``yoloprune demo --train-base`` and shipped in ``yoloprune/assets`` (README, "The demo").
 DEMO = DemoSetup(
     SyntheticSpec(n_train=300, n_val=150, imgsz=128, clutter=0.0, max_objects=3, min_size=0.15, max_size=0.5),
-    base_epochs=80,
+    base_epochs=150,
 )
 #: ``--quick`` (the tests): the same kind of images, far fewer, and the same shipped base.
 QUICK = DemoSetup(dataclasses.replace(DEMO.dataset, n_train=32, n_val=16), base_epochs=2)
@@ -75,7 +75,7 @@ ASSETS = Path(__file__).parent / "assets"
 #: The shipped demo base: yolov8n trained from scratch on :data:`DEMO` by ``yoloprune demo --train-base``;
 #: ``demo_base.json`` next to it says how (command, epochs, mAP, convergence). Checked at every load.
 SHIPPED_BASE = ASSETS / "demo_base.pt"
-SHIPPED_BASE_SHA256 = ""
+SHIPPED_BASE_SHA256 = "6455a7d4fe89246edfc9917eded710c1fddf4d956c54bb8f389ee2b55061619f"
 
 
 class DemoBaseError(ConfigError):
@@ -300,23 +300,64 @@ def resolve_builtin(name: str, device: str = "cpu") -> Path:
     return demo_dataset(QUICK if name.endswith("-quick") else DEMO)
 
 
-def final_screen(config: ExperimentConfig, *, seconds: float, config_path: Path, report: Path | None) -> str:
+#: After the search, the demo fine-tunes uniform and the best searched candidates as the export would (``calibrate``):
+#: their real drops decide the constraint, and predict the others'.
+LONG = {"candidates": 3, "epochs": 10}
+QUICK_LONG = {"candidates": 3, "epochs": 2}
+
+
+def run_demo(
+    output: Path, *, quick: bool = False, device: str | None = None, trials: int | None = None, progress: bool = True
+) -> str:
+    """Search, long-fine-tune uniform and the best candidates, write the report; returns what to print."""
+    from yoloprune.search.calibration import calibrate
+    from yoloprune.search.report import write_report
+    from yoloprune.search.results import render_results
+    from yoloprune.search.runner import run_search
+
+    start = time.perf_counter()
+    config = demo_config(output, quick=quick, device=device, trials=trials)
+    run_search(config, progress=progress)
+    long = QUICK_LONG if quick else LONG
+    LOGGER.info(
+        "fine-tuning uniform pruning and the best searched candidates %d epochs each, as `yoloprune export` would",
+        long["epochs"],
+    )
+    calibrate(config, candidates=long["candidates"], epochs=long["epochs"], with_reference=False)
+    text = render_results(config)
+    report = write_report(config).path
+    screen = final_screen(
+        config,
+        seconds=time.perf_counter() - start,
+        config_path=config.output_dir / "experiment.yaml",
+        report=report,
+        long_epochs=long["epochs"],
+    )
+    return text + "\n\n" + screen
+
+
+def final_screen(
+    config: ExperimentConfig, *, seconds: float, config_path: Path, report: Path | None, long_epochs: int
+) -> str:
     """What ``yoloprune demo`` prints last, on one screen: the baseline, the best searched model against uniform
-    pruning at the same cost, where the files are, and the commands to go on with."""
+    pruning at the same cost (after the proxy, and after ``long_epochs`` of fine-tuning), where the files are,
+    and the commands to go on with."""
+    from yoloprune.search.calibration import long_results
     from yoloprune.search.optuna_engine import open_study
     from yoloprune.search.results import judged_frame
     from yoloprune.storage import Store
 
     study = open_study(config, create=False)
     trials = judged_frame(study, config)
+    long = long_results(study, long_epochs)
     base = Store(config.storage_url).baseline_of(config.name) or {}
+    base_map = float(base.get("map50_95", 0.0))
     target = config.targets[0].name if config.targets else None
     latency_col = f"latency_ms.{target}" if target else None
     base_ms = study.user_attrs.get("baseline_latency", {}).get(latency_col) if latency_col else None
     cfg = shlex.quote(str(config_path))
-    lines = [f"==== yoloprune demo: finished in {seconds / 60:.1f} min " + "=" * 40]
-    base_line = f"baseline   {config.model}: mAP50-95 {base.get('map50_95', float('nan')):.4f}"
-    base_line += f"  GFLOPs {base.get('gflops', float('nan')):.3f}"
+    lines = [f"==== yoloprune demo: finished in {seconds / 60:.1f} min " + "=" * 50]
+    base_line = f"baseline   {config.model}: mAP50-95 {base_map:.4f}  GFLOPs {base.get('gflops', float('nan')):.3f}"
     if base_ms:
         base_line += f"  latency {base_ms:.2f} ms ({target})"
     lines.append(base_line)
@@ -325,33 +366,62 @@ def final_screen(config: ExperimentConfig, *, seconds: float, config_path: Path,
     cost = config.cost_target
     where = f"{cost.metric} {', '.join(f'{v:g}' for v in cost.values)}" if cost else "the searched costs"
     epochs = config.finetune.epochs
-    lines.append(f"at {where}, after the {epochs}-epoch proxy fine-tune (constraints: {constraints}):")
+    lines.append(
+        f"at {where}: after the {epochs}-epoch proxy, and after {long_epochs} epochs as the export fine-tunes "
+        f"(constraints: {constraints})"
+    )
+
+    def final(r: Any) -> float | None:
+        entry = long.get(int(r["trial"]))
+        return float(entry["final"]) if entry else None
+
     uniform = ok[ok["method"] == "uniform"].sort_values("trial") if "method" in ok else ok.iloc[0:0]
     searched = ok[ok["method"] != "uniform"] if "method" in ok else ok
     rows: list[tuple[str, Any]] = []
+
+    def score(r: Any) -> float:  # the measured long fine-tune when there is one, else the proxy
+        after = final(r)
+        return after if after is not None else float(r["map50_95"])
+
     if not searched.empty:
-        best = searched.loc[searched["map50_95"].astype(float).idxmax()]
+        measured = [r for _, r in searched.iterrows() if final(r) is not None]
+        best = max(measured or [r for _, r in searched.iterrows()], key=score)
         rows.append((f"searched   trial {int(best['trial'])} ({best['method']})", best))
     if not uniform.empty:
         u = uniform.iloc[0]
         rows.append((f"uniform    trial {int(u['trial'])} (ratio {float(u['uniform']):.3f})", u))
+
+    def drop(value: float | None) -> str:
+        return f"{100 * (1 - value / base_map):5.1f}%" if value is not None and base_map > 0 else "     -"
+
     if rows:
-        lines.append(f"  {'model':<36} mAP50-95   drop  FLOPs -%  latency ms  feasible")
+        lines.append(f"  {'model':<34} {'proxy':>7} {'drop':>6} {f'{long_epochs} epochs':>10} {'drop':>6} "
+                     f"{'FLOPs -%':>8} {'ms':>6}  meets the constraints")  # fmt: skip
         for label, r in rows:
             ms = r.get(latency_col) if latency_col else None
+            after = final(r)
+            on = "measured" if after is not None else "predicted" if r.get("predicted_drop") is not None else "proxy"
             lines.append(
-                f"  {label:<36} {float(r['map50_95']):8.4f} {100 * float(r['map50_95_drop']):5.1f}%"
-                f" {100 * float(r['flops_reduction']):8.1f} {float(ms) if ms is not None else float('nan'):11.2f}"
-                f"  {'yes' if r['feasible'] else 'no'}"
+                f"  {label:<34} {float(r['map50_95']):7.4f} {drop(float(r['map50_95']))} "
+                f"{after if after is not None else float('nan'):10.4f} {drop(after)} "
+                f"{100 * float(r['flops_reduction']):8.1f} {float(ms) if ms is not None else float('nan'):6.2f}  "
+                f"{'yes' if r['feasible'] else 'no'} ({on})"
             )
     if len(rows) == 2:
-        gain = float(rows[0][1]["map50_95"]) - float(rows[1][1]["map50_95"])
+        (_, s_row), (_, u_row) = rows
+        proxy_gain = float(s_row["map50_95"]) - float(u_row["map50_95"])
+        a, b = final(s_row), final(u_row)
+        gain = a - b if a is not None and b is not None else proxy_gain
         verdict = "beats" if gain > 0 else "ties with" if gain == 0 else "loses to"
-        lines.append(f"  the searched model {verdict} uniform pruning at the same cost by {gain:+.4f} mAP50-95")
+        when = f" after {long_epochs} epochs" if a is not None and b is not None else " on the proxy"
+        lines.append(
+            f"  the searched model {verdict} uniform pruning at the same cost by {gain:+.4f} mAP50-95{when}"
+            + (f" ({proxy_gain:+.4f} on the proxy)" if when != " on the proxy" else "")
+        )
     elif not rows:
-        lines.append("  no complete trial on the target yet: `yoloprune results CONFIG --all` shows why")
+        lines.append(f"  no complete trial on the target yet: `yoloprune results {cfg} --all` shows why")
     feasible = ok[ok["feasible"] == True] if not ok.empty else ok  # noqa: E712
-    pick = feasible.loc[feasible["map50_95"].astype(float).idxmax()] if not feasible.empty else None
+    pick = max((r for _, r in feasible.iterrows()), key=score) if not feasible.empty else None
     lines.append("files:")
     if report is not None:
         lines.append(f"  report       {report}")
@@ -362,22 +432,28 @@ def final_screen(config: ExperimentConfig, *, seconds: float, config_path: Path,
     lines.append(f"  yoloprune results {cfg} --all        # every trial, and why each was kept or not")
     lines.append(f"  yoloprune report {cfg}               # rewrite the HTML report")
     lines.append(f"  yoloprune nni {cfg} --port 8080      # the same search in NNI's web dashboard")
+    export_epochs = long_epochs  # what the demo measured: the export reproduces it, and re-checks it in its card
     if pick is not None:
-        export_epochs = 15
-        minutes = _export_minutes(study, int(pick["trial"]), epochs, export_epochs)
+        number = int(pick["trial"])
+        minutes = _export_minutes(study, number, epochs, long.get(number), long_epochs, export_epochs)
         lines.append(
-            f"  yoloprune export {cfg} --trial best --epochs {export_epochs}   # trial {int(pick['trial'])}: "
-            f"fine-tune, .pt + ONNX + card, about {minutes:.0f} min here"
+            f"  yoloprune export {cfg} --trial {number} --epochs {export_epochs}   # .pt + ONNX + model card, "
+            f"about {minutes:.0f} min here"
         )
     else:
-        lines.append(f"  no trial meets the constraints: `yoloprune export {cfg} --trial N --epochs 15` exports one")
+        lines.append(
+            f"  no trial meets the constraints: `yoloprune export {cfg} --trial N --epochs {export_epochs}` exports one"
+        )
     return "\n".join(lines)
 
 
-def _export_minutes(study: Any, trial: int, proxy_epochs: int, epochs: int) -> float:
-    """The export's fine-tune time, scaled from the proxy's own (its fine-tune per epoch, plus one validation)."""
-    timings = study.get_trials(deepcopy=False)[trial].user_attrs.get("timings", {})
-    per_epoch = float(timings.get("finetune", 0.0)) / max(1, proxy_epochs)
-    return max(
-        1.0, (per_epoch * epochs + float(timings.get("validation", 0.0)) + float(timings.get("latency", 0.0))) / 60
-    )
+def _export_minutes(
+    study: Any, trial: int, proxy_epochs: int, long: dict[str, float] | None, long_epochs: int, epochs: int
+) -> float:
+    """The export's fine-tune time, scaled from the trial's measured long fine-tune, else from its proxy's."""
+    if long and long.get("seconds"):
+        per_epoch = float(long["seconds"]) / long_epochs
+    else:
+        timings = study.get_trials(deepcopy=False)[trial].user_attrs.get("timings", {})
+        per_epoch = float(timings.get("finetune", 0.0)) / max(1, proxy_epochs)
+    return max(1.0, per_epoch * epochs / 60)

@@ -219,23 +219,36 @@ def predicted_metrics(metrics: Mapping[str, float], calibration: Calibration, ba
 
 @dataclass(frozen=True)
 class Verdict:
-    """How one trial fares against the constraints: on the calibrated prediction when usable, else the proxy."""
+    """How one trial fares against the constraints: on its measured long fine-tune when it has one, else on the
+    calibrated prediction when usable, else on the proxy."""
 
     feasible: bool
     predicted_drop: float | None
-    on: str  # "calibrated" or "proxy"
+    on: str  # "measured", "calibrated" or "proxy"
 
 
 def judge(
-    trials: Sequence[FrozenTrial], constraints: Sequence[Constraint], calibration: Calibration | None, base_map: float
+    trials: Sequence[FrozenTrial],
+    constraints: Sequence[Constraint],
+    calibration: Calibration | None,
+    base_map: float,
+    measured: Mapping[int, float] | None = None,
 ) -> dict[int, Verdict]:
-    """Each complete trial's verdict. Cost constraints are the same either way; accuracy ones use predictions."""
+    """Each complete trial's verdict. Cost constraints are the same either way; accuracy ones use, per trial, the
+    mAP50-95 ``measured`` after the calibration's long fine-tune if there is one, else the prediction."""
     usable = calibration is not None and calibration.usable and base_map > 0
+    real_map = dict(measured or {}) if calibration is not None and base_map > 0 else {}
     out: dict[int, Verdict] = {}
     for t in trials:
         if t.state != TrialState.COMPLETE or "metrics" not in t.user_attrs:
             continue
         metrics = t.user_attrs["metrics"]
+        if t.number in real_map and "map50_95_drop" in metrics:
+            final = float(real_map[t.number])
+            real = {**metrics, "map50_95": final, "map50_95_drop": 1 - final / base_map}
+            feasible = all(v <= 0 for v in violations(real, constraints))
+            out[t.number] = Verdict(feasible, real["map50_95_drop"], "measured")
+            continue
         if not usable or "map50_95_drop" not in metrics:
             out[t.number] = Verdict(bool(t.user_attrs.get("feasible")), None, "proxy")
             continue
@@ -247,12 +260,20 @@ def judge(
 
 
 def verdicts(study: optuna.Study, config: ExperimentConfig) -> dict[int, Verdict]:
-    """:func:`judge` on a study, with its stored calibration and baseline."""
+    """:func:`judge` on a study, with its stored calibration, baseline and long fine-tunes."""
     from yoloprune.storage import Store
 
     base = Store(config.storage_url).baseline_of(config.name)
+    calibration = stored(study)
+    measured = (
+        {t: r["final"] for t, r in long_results(study, calibration.epochs).items()} if calibration is not None else {}
+    )
     return judge(
-        study.get_trials(deepcopy=False), config.constraints, stored(study), float((base or {}).get("map50_95", 0))
+        study.get_trials(deepcopy=False),
+        config.constraints,
+        calibration,
+        float((base or {}).get("map50_95", 0)),
+        measured,
     )
 
 
