@@ -433,16 +433,17 @@ def final_screen(
     lines.append(f"  yoloprune report {cfg}               # rewrite the HTML report")
     lines.append(f"  yoloprune nni {cfg} --port 8080      # the same search in NNI's web dashboard")
     export_epochs = long_epochs  # what the demo measured: the export reproduces it, and re-checks it in its card
-    if pick is not None:
-        number = int(pick["trial"])
+    chosen = pick if pick is not None else max((r for _, r in rows), key=score) if rows else None
+    if chosen is not None:
+        number = int(chosen["trial"])
         minutes = _export_minutes(study, number, epochs, long.get(number), long_epochs, export_epochs)
+        if pick is None:
+            lines.append(
+                f"  no trial meets the constraints; the most accurate after {long_epochs} epochs is trial {number}:"
+            )
         lines.append(
             f"  yoloprune export {cfg} --trial {number} --epochs {export_epochs}   # .pt + ONNX + model card, "
             f"about {minutes:.0f} min here"
-        )
-    else:
-        lines.append(
-            f"  no trial meets the constraints: `yoloprune export {cfg} --trial N --epochs {export_epochs}` exports one"
         )
     return "\n".join(lines)
 
