@@ -58,7 +58,7 @@ def test_train_val_export_touch_no_network(tmp_path, home):
     with open(tmp_path / "demo" / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["state"] for r in rows] == ["complete"] * 3
-    assert rows[0]["method"] == "uniform" and rows[1]["screen_rank"] == "0"
+    assert rows[0]["method"] == "uniform" and float(rows[1]["screen_rank"]) == 1  # the screening's best, then TPE
     # The demo's final screen: the baseline, searched against uniform at the same cost, the files, what next.
     screen = proc.stdout[proc.stdout.index("==== yoloprune demo: finished") :]
     assert "baseline   builtin:demo-base: mAP50-95" in screen and "latency" in screen
