@@ -11,13 +11,14 @@ import pytest
 
 from yoloprune import demo
 from yoloprune.cli import main
-from yoloprune.demo import DemoBaseError, sha256_of, shipped_base
+from yoloprune.demo import DemoBaseError, shipped_base
+from yoloprune.storage.db import file_sha256
 
 
 def test_shipped_base_matches_its_record():
     path = shipped_base()  # raises if the file differs from SHIPPED_BASE_SHA256
     record = json.loads(path.with_suffix(".json").read_text())
-    assert record["sha256"] == demo.SHIPPED_BASE_SHA256 == sha256_of(path)
+    assert record["sha256"] == demo.SHIPPED_BASE_SHA256 == file_sha256(path)
     assert record["command"] == "yoloprune demo --train-base" and record["epochs"] == demo.DEMO.base_epochs
     assert record["dataset"] == vars(demo.DEMO.dataset)
     assert record["last_10_epochs_added"] < 0.02  # converged: more epochs add less than 2% mAP50-95

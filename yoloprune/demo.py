@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from yoloprune.data import SyntheticSpec, generate_dataset, inspect_dataset
 from yoloprune.errors import ConfigError
 from yoloprune.log import get_logger
+from yoloprune.storage.db import file_sha256
 from yoloprune.ultra.offline import ultralytics_quiet, yoloprune_home
 
 if TYPE_CHECKING:
@@ -117,14 +118,6 @@ def base_model_path(setup: DemoSetup, device: str = "cpu") -> Path:
     return path
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def shipped_base(path: Path | None = None, expected: str | None = None) -> Path:
     """The shipped demo base, after checking its SHA-256; a missing, corrupt or changed file is an error that says
     how to restore or rebuild it (never a silent retraining)."""
@@ -137,7 +130,7 @@ def shipped_base(path: Path | None = None, expected: str | None = None) -> Path:
     )
     if not path.is_file():
         raise DemoBaseError(f"the shipped demo base {path} is missing. {fix}")
-    actual = sha256_of(path)
+    actual = file_sha256(path)
     if actual != expected:
         raise DemoBaseError(
             f"the shipped demo base {path} has SHA-256 {actual[:16]}..., not the shipped {expected[:16]}...: the file "
@@ -169,7 +162,7 @@ def train_demo_base(device: str = "cpu") -> dict[str, Any]:
         "last_10_epochs_added": round(best / before - 1, 4) if before else None,  # best mAP50-95, before vs after
         "train_seconds": round(float(read_metadata(path).get("seconds", 0.0))),
         "checkpoint": str(path),
-        "sha256": sha256_of(path),
+        "sha256": file_sha256(path),
     }
     path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
     return info
@@ -254,9 +247,7 @@ QUICK_CHANGES: dict[str, Any] = {
     "data": "builtin:synthetic-quick",
     "finetune": {"epochs": 1, "batch": 8, "bn_batches": 2},
     "engine": {
-        "sampler": "tpe",
-        "seed": 0,
-        "pruner": "none",
+        **DEMO_EXPERIMENT["engine"],
         "startup_trials": 1,
         "screen": {"candidates": 6, "keep": 1, "images": 8, "seed": 0},
     },
