@@ -8,6 +8,8 @@ so at batch 16 a 2-epoch proxy on 400 images takes only ~12 optimizer steps.
 
     python experiments/proxy_recovery.py                          # the benchmark's base (cached), ~5 min
     python experiments/proxy_recovery.py --targets 0.25 0.5 --epochs 2
+    python experiments/proxy_recovery.py --setup demo --targets 0.5 --epochs 10 --recipes 6 8 9 10 11 12
+        # the long fine-tune (the export's): the shipped demo base, nothing to train first
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 import time
 
 from yoloprune.data.check import inspect_dataset
-from yoloprune.demo import BENCH, base_model_path, demo_dataset
+from yoloprune.demo import BENCH, DEMO, base_model_path, demo_dataset, shipped_base
 from yoloprune.pruning import find_stages, prune
 from yoloprune.pruning.widths import CostModel
 from yoloprune.ultra.models import load_detector
@@ -34,7 +36,27 @@ RECIPES: dict[str, dict[str, object]] = {
     "SGD lr0 0.002, nbs = batch, round_to 1": {"optimizer": "SGD", "lr0": 0.002, "nbs": 16, "round_to": 1},
     "SGD lr0 0.001, nbs = batch": {"optimizer": "SGD", "lr0": 0.001, "nbs": 16},
     "SGD lr0 0.002, nbs = batch, distill 6": {"optimizer": "SGD", "lr0": 0.002, "nbs": 16, "distill": 6.0},
-}
+    # For the long fine-tune (the export's, 10+ epochs): a higher rate after a one-epoch warm-up, decayed.
+    "SGD lr0 0.01, nbs = batch, warm-up 1, cosine": {
+        "optimizer": "SGD", "lr0": 0.01, "nbs": 16, "warmup_epochs": 1, "cos_lr": True,
+    },
+    "SGD lr0 0.003, nbs = batch, warm-up 1, cosine": {
+        "optimizer": "SGD", "lr0": 0.003, "nbs": 16, "warmup_epochs": 1, "cos_lr": True,
+    },
+    "SGD lr0 0.01, nbs 64, warm-up 1, cosine (yolo train's)": {
+        "optimizer": "SGD", "lr0": 0.01, "nbs": 64, "warmup_epochs": 1, "cos_lr": True,
+    },
+    "SGD lr0 0.003, nbs = batch, warm-up 1, cosine, mosaic to the last 3": {
+        "optimizer": "SGD", "lr0": 0.003, "nbs": 16, "warmup_epochs": 1, "cos_lr": True, "close_mosaic": 3,
+    },
+    "SGD lr0 0.001, nbs = batch, distill 6": {"optimizer": "SGD", "lr0": 0.001, "nbs": 16, "distill": 6.0},
+    "SGD lr0 0.005, nbs = batch, warm-up 1, cosine, mosaic but the last quarter": {
+        "optimizer": "SGD", "lr0": 0.005, "nbs": 16, "warmup_epochs": 1, "cos_lr": True, "close_mosaic": "quarter",
+    },
+    "SGD lr0 0.003, nbs = batch, warm-up 1, cosine, mosaic but the last quarter": {
+        "optimizer": "SGD", "lr0": 0.003, "nbs": 16, "warmup_epochs": 1, "cos_lr": True, "close_mosaic": "quarter",
+    },
+}  # fmt: skip
 
 
 def uniform_at(costs: CostModel, stages: list[str], reduction: float, round_to: int) -> float:
@@ -54,12 +76,14 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--recipes", nargs="+", type=int, default=None, help="recipe numbers to run (default all)")
+    p.add_argument("--setup", choices=["bench", "demo"], default="bench",
+                   help="bench: the headline benchmark's base (trained once, cached); demo: the shipped demo base")
     p.add_argument("--output", default="outputs/proxy_recovery")
     args = p.parse_args()
-    setup = BENCH
+    setup = BENCH if args.setup == "bench" else DEMO
     with ultralytics_quiet():
         data = inspect_dataset(demo_dataset(setup))
-        base = load_detector(base_model_path(setup))
+        base = load_detector(base_model_path(setup) if args.setup == "bench" else shipped_base())
         base_map = validate(base, data, imgsz=setup.imgsz).map50_95
     print(f"base mAP50-95 {base_map:.4f} ({setup.base_epochs} epochs, {setup.imgsz} px)")
     stages = [s.name for s in find_stages(base) if s.prunable]
@@ -73,6 +97,8 @@ def main() -> None:
             recipe = dict(options)
             distill = float(recipe.pop("distill", 0.0))  # type: ignore[arg-type]
             round_to = int(recipe.pop("round_to", args.round_to))  # type: ignore[call-overload]
+            if recipe.get("close_mosaic") == "quarter":
+                recipe["close_mosaic"] = max(1, args.epochs // 4)
             if round_to not in pruned_at:
                 ratio = uniform_at(costs, stages, target, round_to)
                 with ultralytics_quiet():
@@ -86,7 +112,7 @@ def main() -> None:
             with ultralytics_quiet():
                 result = finetune(
                     pruned, data, epochs=args.epochs, imgsz=setup.imgsz, project=args.output, name="r",
-                    keep_run=False, warmup_epochs=0, teacher=base if distill else None, distill=distill, **recipe,
+                    keep_run=False, teacher=base if distill else None, distill=distill, **{"warmup_epochs": 0, **recipe},
                 )  # fmt: skip
             curve = [round(e["map50_95"], 4) for e in result.epochs]
             final = result.val.map50_95 if result.val else curve[-1]

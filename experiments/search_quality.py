@@ -155,6 +155,18 @@ def long_finetune(progress: Progress, dataset: str, target: str, method: str, se
     })  # fmt: skip
 
 
+def reference(progress: Progress, dataset: str, target: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Like with like: the unpruned base fine-tuned with the export's recipe for as many epochs (seed 0)."""
+    from yoloprune.search.calibration import measure_reference
+
+    key = f"{dataset}/{target}/reference"
+    if (done := progress.get(key)) is not None:
+        return dict(done)
+    engine, trials, timeout = methods(args)["uniform"]
+    config = experiment("uniform", dataset, target, args, engine, trials, timeout)
+    return progress.put(key, {**measure_reference(config, args.long_epochs), "epochs": args.long_epochs})
+
+
 def sibling_width(setup: DemoSetup, nc: int, gflops: float) -> tuple[float, Any]:
     """The width multiple (and its model) of the base's YAML whose FLOPs are nearest ``gflops``."""
     from ultralytics.nn.tasks import DetectionModel, yaml_model_load
@@ -247,6 +259,7 @@ def summarise(progress: Progress, args: argparse.Namespace) -> pd.DataFrame:
             measured = any(progress.get(f"{dataset}/{target}/sibling/{s}") for s in args.seeds)
             sibling = target.startswith("flops") and (measured or not args.no_sibling)
             names = [*args.methods, *(["sibling"] if sibling else [])]
+            ref = progress.get(f"{dataset}/{target}/reference")
             for method in names:
                 found = progress.get(f"{dataset}/{target}/{method}/search") or {}
                 longs = [progress.get(f"{dataset}/{target}/{method}/{'' if method == 'sibling' else 'long/'}{s}")
@@ -260,6 +273,8 @@ def summarise(progress: Progress, args: argparse.Namespace) -> pd.DataFrame:
                     "final mAP50-95 per seed": [round(f, 4) for f in finals],
                     "final mean": sum(finals) / len(finals) if finals else None,
                     "drop %": 100 * (1 - sum(finals) / len(finals) / base["validated map50_95"]) if finals and base else None,
+                    "drop vs the base fine-tuned as long %": 100 * (1 - sum(finals) / len(finals) / ref["map50_95"])
+                    if finals and ref else None,
                     "FLOPs -%": 100 * last["flops_reduction"] if last.get("flops_reduction") is not None else None,
                     "latency ms": last.get("latency_ms.cpu_ort"),
                     "minutes": (found.get("search minutes") or 0) + sum(r.get("minutes", 0) for r in longs if r),
@@ -294,6 +309,7 @@ def main() -> None:
                 for method in args.methods:
                     print(f"  long {method} seed {seed}: {long_finetune(progress, dataset, target, method, seed, args)}",
                           flush=True)  # fmt: skip
+            print(f"  the base fine-tuned as long: {reference(progress, dataset, target, args)}", flush=True)
             if target.startswith("flops") and not args.no_sibling:
                 for seed in args.seeds:
                     print(f"  sibling seed {seed}: {sibling(progress, dataset, target, seed, args)}", flush=True)

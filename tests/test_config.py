@@ -100,6 +100,8 @@ def test_relative_paths_follow_the_config_file(tmp_path):
         ({"name": "bad name!"}, "name"),
         ({"finetune": {"overrides": {"distill_model": "t.pt"}}}, "use finetune.distill"),
         ({"finetune": {"distill": 6.0, "epochs": 0}}, "finetune.distill needs finetune.epochs >= 1"),
+        ({"finetune": {"long": {"dis": 2.0}}}, "finetune.long sets dis: use finetune.distill"),
+        ({"finetune": {"overrides": {"epochs": 9}}}, "finetune.overrides sets epochs"),
         ({"finetune": {"distill": -1}}, "finetune.distill"),
         ({"targets": [{"name": "t", "backend": "torch", "precision": "int8"}]}, "the torch backend has no int8"),
         ({"targets": [{"name": "t", "precision": "fp16"}]}, "fp16 is timed on CUDA only"),
@@ -123,3 +125,19 @@ def test_missing_or_broken_file(tmp_path):
 def test_overrides_merge_into_sections(tmp_path):
     cfg = load_config(_write(tmp_path, MINIMAL), {"budget": {"trials": 3}, "storage": "sqlite:////tmp/x.db"})
     assert isinstance(cfg, ExperimentConfig) and cfg.budget.trials == 3 and cfg.storage == "sqlite:////tmp/x.db"
+
+
+def test_the_long_fine_tune_recipe_applies_over_the_proxy_overrides():
+    """finetune.long (the export's recipe) goes over finetune.overrides; mosaic closes for the last quarter unless
+    the long recipe says otherwise; the proxy's own recipe is untouched."""
+    from yoloprune.config import LONG_FINETUNE, FinetuneConfig
+
+    cfg = FinetuneConfig(epochs=2, overrides={"seed": 3, "lr0": 0.001, "mosaic": 0.5})
+    long = cfg.for_long(30)
+    assert long.epochs == 30 and not long.skip_infeasible
+    assert long.overrides == {"seed": 3, "lr0": LONG_FINETUNE["lr0"], "mosaic": 0.5, "close_mosaic": 7,
+                              "warmup_epochs": 1, "cos_lr": True}  # fmt: skip
+    assert cfg.overrides == {"seed": 3, "lr0": 0.001, "mosaic": 0.5} and cfg.epochs == 2
+    assert FinetuneConfig(long={"close_mosaic": 0, "lr0": 0.01}).for_long(3).overrides == {
+        "close_mosaic": 0, "lr0": 0.01}
+    assert FinetuneConfig(long={}).for_long(3).overrides == {"close_mosaic": 1}  # the proxy's recipe, mosaic once

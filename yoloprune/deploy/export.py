@@ -152,7 +152,7 @@ def export_trial(
                 resume=not fresh,
                 teacher=exp.base if config.finetune.distill > 0 else None,
                 distill=config.finetune.distill,
-                **config.finetune.overrides,
+                **config.finetune.for_long(epochs).overrides,
             )
             model, history, resumed_from = tuned.model, tuned.epochs, tuned.resumed_from
         val = validate(model, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
@@ -193,7 +193,13 @@ def export_trial(
         "experiment": config.name,
         "trial": trial.number,
         "candidate": candidate.as_dict(),
-        "finetune": {"epochs": epochs, "history": history, "resumed_from_epoch": resumed_from},
+        "finetune": {
+            "epochs": epochs,
+            "recipe": config.finetune.for_long(epochs).overrides if epochs > 0 else {},
+            "distill": config.finetune.distill,
+            "history": history,
+            "resumed_from_epoch": resumed_from,
+        },
         "before": base_raw,
         "after": metrics,
         "per_class_ap50_95": {
@@ -365,11 +371,17 @@ def _recheck(
         }
     if "map50_95" in proxy and trial.user_attrs.get("finetuned", True) and config.finetune.rounds == 1:
         cal.record_long(
-            study, trial.number, epochs, float(proxy["map50_95"]), float(metrics["map50_95"]), source="export"
+            study, trial.number, epochs, float(proxy["map50_95"]), float(metrics["map50_95"]), source="export",
+            recipe=config.finetune.for_long(epochs).overrides,
         )
         if fitted is None or fitted.epochs == epochs:  # under 3 points at these epochs: no fit yet
             cal.refit(study, baseline, epochs=epochs, proxy_epochs=config.finetune.epochs)
     return out
+
+
+def _recipe_text(finetune: dict[str, Any]) -> str:
+    recipe = ", ".join(f"{k} {v}" for k, v in finetune["recipe"].items())
+    return recipe + (f", distilled from the base (weight {finetune['distill']:g})" if finetune.get("distill") else "")
 
 
 def _recheck_lines(card: dict[str, Any]) -> list[str]:
@@ -426,7 +438,8 @@ def _markdown(card: dict[str, Any]) -> str:
         "",
         f"Per-stage pruning ratios: {json.dumps(card['candidate']['ratios'])}; importance "
         f"{card['candidate']['importance']}; channels rounded to multiples of {card['candidate']['round_to']}. "
-        f"Fine-tuned {card['finetune']['epochs']} epochs.",
+        f"Fine-tuned {card['finetune']['epochs']} epochs"
+        + (f" ({_recipe_text(card['finetune'])})." if card["finetune"].get("recipe") else "."),
         "",
         *_versus_lines(card.get("versus_uniform")),
         *_recheck_lines(card),

@@ -331,7 +331,8 @@ def choose(study: optuna.Study, candidates: int) -> list[FrozenTrial]:
 
 
 def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs: int) -> dict[int, dict[str, float]]:
-    """Fine-tune each trial's candidate ``epochs`` with the proxy's recipe; stored one by one, resumed if stored."""
+    """Fine-tune each trial's candidate ``epochs`` with the long fine-tune's recipe (the export's,
+    ``finetune.long``); stored one by one, resumed if stored."""
     from yoloprune.search.optuna_engine import open_study
     from yoloprune.search.runner import prepare, start_session
     from yoloprune.ultra.offline import ultralytics_quiet
@@ -339,12 +340,14 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
     if epochs <= config.finetune.epochs:
         raise ConfigError(f"--epochs {epochs} must exceed the proxy's {config.finetune.epochs} fine-tune epochs.")
     study = open_study(config, create=False)
-    done = long_results(study, epochs)
+    long = config.finetune.for_long(epochs)
+    # Stored with another recipe (the config's finetune.long changed): measured again. Entries written before the
+    # recipe was stored are taken as they are.
+    done = {n: e for n, e in long_results(study, epochs).items() if e.get("recipe", long.overrides) == long.overrides}
     todo = [t for t in trials if t.number not in done]
     results = {t.number: done[t.number] for t in trials if t.number in done}
     if todo:
         exp = prepare(config)
-        long = config.finetune.model_copy(update={"epochs": epochs, "skip_infeasible": False})
         with ultralytics_quiet():
             session = start_session(exp, study, measure_latency=False, finetune=long)
             for t in todo:
@@ -355,6 +358,7 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
                     "proxy": float(t.user_attrs["metrics"]["map50_95"]),
                     "final": result.raw["map50_95"],
                     "seconds": time.perf_counter() - start,
+                    "recipe": long.overrides,
                 }
                 if t.user_attrs.get("screen_score") is not None:
                     entry["screen"] = float(t.user_attrs["screen_score"])
@@ -367,15 +371,17 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
     return results
 
 
-def measure_reference(config: ExperimentConfig, epochs: int) -> dict[str, float]:
-    """The unpruned base fine-tuned ``epochs`` with the proxy's recipe (stored; measured once)."""
+def measure_reference(config: ExperimentConfig, epochs: int, *, long: bool = True) -> dict[str, float]:
+    """The unpruned base fine-tuned ``epochs`` (stored; measured once) with the long fine-tune's recipe, or the
+    proxy's (``long=False``)."""
     from yoloprune.search.optuna_engine import open_study
     from yoloprune.search.runner import prepare
     from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.train import finetune
 
     study = open_study(config, create=False)
-    if (found := reference(study, epochs)) is not None:
+    recipe = config.finetune.for_long(epochs).overrides if long else dict(config.finetune.overrides)
+    if (found := reference(study, epochs)) is not None and found.get("recipe", recipe) == recipe:
         return found
     exp = prepare(config)
     start = time.perf_counter()
@@ -383,13 +389,14 @@ def measure_reference(config: ExperimentConfig, epochs: int) -> dict[str, float]
         result = finetune(
             exp.base, exp.data, epochs=epochs, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device,
             workers=config.finetune.workers, project=config.output_dir / "runs", name=f"reference{epochs}",
-            keep_run=False, **config.finetune.overrides,
+            keep_run=False, **recipe,
         )  # fmt: skip
     val = result.val
     value = {
         "map50_95": float(val.map50_95 if val else result.epochs[-1]["map50_95"]),
         "map50": float(val.map50 if val else result.epochs[-1]["map50"]),
         "seconds": time.perf_counter() - start,
+        "recipe": recipe,
     }
     study.set_user_attr(f"{REFERENCE_PREFIX}{epochs}", value)
     return value
@@ -428,7 +435,7 @@ def calibrate(
     ref = proxy_ref = None
     if with_reference:
         ref = measure_reference(config, epochs)
-        proxy_ref = measure_reference(config, config.finetune.epochs) if config.finetune.epochs > 0 else None
+        proxy_ref = measure_reference(config, config.finetune.epochs, long=False) if config.finetune.epochs > 0 else None
     calibration = refit(study, baseline, epochs=epochs, proxy_epochs=config.finetune.epochs, max_error=max_error)
     problem = None
     if float(baseline["map50_95"]) <= 0:
