@@ -291,9 +291,9 @@ def resolve_builtin(name: str, device: str = "cpu") -> Path:
     return demo_dataset(QUICK if name.endswith("-quick") else DEMO)
 
 
-#: After the search, the demo fine-tunes uniform and the best searched candidates as the export would (``calibrate``):
-#: their real drops decide the constraint, and predict the others'.
-LONG = {"candidates": 3, "epochs": 10}
+#: After the search, the demo fine-tunes uniform and the best searched candidates as the export would (``calibrate``,
+#: the long recipe ``finetune.long``): their real drops decide the constraint, and predict the others'.
+LONG = {"candidates": 3, "epochs": 20}
 QUICK_LONG = {"candidates": 3, "epochs": 2}
 
 
