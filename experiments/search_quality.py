@@ -12,7 +12,9 @@ ONNX Runtime CPU latency):
 2. each method's winner on the proxy is exported with the export's own fine-tune (``yoloprune export``,
    ``--long-epochs``), once per seed: mAP50-95, FLOPs and ONNX Runtime latency of the deliverable;
 3. the smaller sibling (FLOPs target only): the same YAML with its width multiple narrowed to the same
-   FLOPs, trained from scratch for the base's plus the export's epochs with the base's recipe, per seed.
+   FLOPs, trained from scratch for the base's plus the export's epochs with the base's recipe, per seed;
+   and ``sibling+ft``, trained as long as the base and then fine-tuned with the export's recipe for its
+   epochs: the schedule the pruned models get (base, then the export's fine-tune).
 
 Every step is stored as it finishes in ``<output>/progress.json``: an interrupted run resumes where it
 stopped. The summary goes to ``docs/benchmarks/search_quality.json`` and is printed as a table.
@@ -227,6 +229,48 @@ def sibling(progress: Progress, dataset: str, target: str, seed: int, args: argp
     })  # fmt: skip
 
 
+def sibling_finetuned(progress: Progress, dataset: str, target: str, seed: int,
+                      args: argparse.Namespace) -> dict[str, Any]:  # fmt: skip
+    """The smaller sibling on the pruned models' own schedule: trained from scratch as long as the base, then
+    fine-tuned with the export's recipe (``finetune.long``) for the export's epochs, so the restart that lifts the
+    base and the pruned models lifts it too."""
+    from yoloprune.config import FinetuneConfig
+    from yoloprune.data.check import inspect_dataset
+    from yoloprune.demo import train_from_scratch
+    from yoloprune.pruning import measure_costs
+    from yoloprune.ultra.models import load_detector
+    from yoloprune.ultra.offline import ultralytics_quiet
+    from yoloprune.ultra.train import finetune
+
+    key = f"{dataset}/{target}/sibling+ft/{seed}"
+    if (done := progress.get(key)) is not None:
+        return dict(done)
+    setup = DATASETS[dataset]
+    data = inspect_dataset(demo_dataset(setup))
+    base_gflops = measure_costs(load_detector(base_model_path(setup)), setup.imgsz).gflops
+    width, model = sibling_width(setup, data.nc, base_gflops * (1 - TARGETS[target]["value"]))
+    start = time.perf_counter()
+    folder = Path(args.output) / dataset / target / "sibling+ft"
+    scratch = train_from_scratch(
+        model, data, epochs=setup.base_epochs, imgsz=setup.imgsz, batch=setup.batch, seed=seed, val=False,
+        project=folder, name=f"seed{seed}", desc=f"sibling (width {width}) from scratch, seed {seed}",
+    )  # fmt: skip
+    recipe = FinetuneConfig(overrides={"seed": seed}).for_long(args.long_epochs).overrides
+    with ultralytics_quiet():
+        tuned = finetune(scratch.model, data, epochs=args.long_epochs, imgsz=setup.imgsz, batch=setup.batch,
+                         project=folder, name=f"seed{seed}-ft", keep_run=False, **recipe)  # fmt: skip
+    val = tuned.val
+    costs = measure_costs(tuned.model, setup.imgsz)
+    return progress.put(key, {
+        "width multiple": width, "epochs": f"{setup.base_epochs} + {args.long_epochs}",
+        "from scratch map50_95": scratch.epochs[-1]["map50_95"] if scratch.epochs else None,
+        "map50_95": val.map50_95 if val else tuned.epochs[-1]["map50_95"],
+        "map50": val.map50 if val else tuned.epochs[-1]["map50"],
+        "gflops": costs.gflops, "flops_reduction": 1 - costs.gflops / base_gflops,
+        "minutes": round((time.perf_counter() - start) / 60, 1),
+    })  # fmt: skip
+
+
 def base_record(progress: Progress, dataset: str) -> dict[str, Any]:
     """The converged base: epochs, mAP50-95 (the trainer's, and validated as every search and export does), and
     how much its last 10 epochs added."""
@@ -258,11 +302,11 @@ def summarise(progress: Progress, args: argparse.Namespace) -> pd.DataFrame:
         for target in args.targets:
             measured = any(progress.get(f"{dataset}/{target}/sibling/{s}") for s in args.seeds)
             sibling = target.startswith("flops") and (measured or not args.no_sibling)
-            names = [*args.methods, *(["sibling"] if sibling else [])]
+            names = [*args.methods, *(["sibling", "sibling+ft"] if sibling else [])]
             ref = progress.get(f"{dataset}/{target}/reference")
             for method in names:
                 found = progress.get(f"{dataset}/{target}/{method}/search") or {}
-                longs = [progress.get(f"{dataset}/{target}/{method}/{'' if method == 'sibling' else 'long/'}{s}")
+                longs = [progress.get(f"{dataset}/{target}/{method}/{'' if 'sibling' in method else 'long/'}{s}")
                          for s in args.seeds]  # fmt: skip
                 finals = [r["map50_95"] for r in longs if r]
                 last = next((r for r in reversed(longs) if r), {})
@@ -295,6 +339,13 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=3, help="screened candidates fine-tuned by the proxy")
     p.add_argument("--tpe", type=int, default=4, help="TPE trials after the screened ones")
     p.add_argument("--no-sibling", action="store_true", help="skip the smaller sibling trained from scratch")
+    p.add_argument(
+        "--sibling-ft-seeds",
+        type=int,
+        nargs="*",
+        default=[0, 1],
+        help="seeds of the sibling trained as long as the base, then given the export's fine-tune",
+    )
     p.add_argument("--output", default="outputs/search_quality")
     p.add_argument("--json", default="docs/benchmarks/search_quality.json")
     args = p.parse_args()
@@ -313,6 +364,9 @@ def main() -> None:
             if target.startswith("flops") and not args.no_sibling:
                 for seed in args.seeds:
                     print(f"  sibling seed {seed}: {sibling(progress, dataset, target, seed, args)}", flush=True)
+                for seed in args.sibling_ft_seeds:
+                    print(f"  sibling + fine-tune seed {seed}: {sibling_finetuned(progress, dataset, target, seed, args)}",
+                          flush=True)  # fmt: skip
     table = summarise(progress, args)
     print(format_table(table.round(4)))
     out = Path(args.json)

@@ -66,6 +66,8 @@ def test_train_val_export_touch_no_network(tmp_path, home):
     assert "(constraints: map50_95_drop <= 0.05)" in screen
     assert "searched   trial " in screen and "uniform    trial 0 (ratio " in screen and "(measured)" in screen
     assert "uniform pruning at the same cost by" in screen and "after 2 epochs" in screen
+    assert "like with like: the unpruned base fine-tuned the same 2 epochs reaches" in screen
+    assert "drop against it: searched " in screen and ", uniform " in screen
     for part in ("report.html", "study.db", "checkpoints", "yoloprune results", "yoloprune report", "yoloprune nni"):
         assert part in screen, part
     assert "yoloprune export" in screen and "--epochs 2" in screen

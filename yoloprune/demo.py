@@ -301,7 +301,7 @@ def run_demo(
     output: Path, *, quick: bool = False, device: str | None = None, trials: int | None = None, progress: bool = True
 ) -> str:
     """Search, long-fine-tune uniform and the best candidates, write the report; returns what to print."""
-    from yoloprune.search.calibration import calibrate
+    from yoloprune.search.calibration import calibrate, measure_reference
     from yoloprune.search.report import write_report
     from yoloprune.search.results import render_results
     from yoloprune.search.runner import run_search
@@ -315,6 +315,8 @@ def run_demo(
         long["epochs"],
     )
     calibrate(config, candidates=long["candidates"], epochs=long["epochs"], with_reference=False)
+    LOGGER.info("fine-tuning the unpruned base %d epochs the same way: the like-with-like reference", long["epochs"])
+    measure_reference(config, long["epochs"])
     text = render_results(config)
     report = write_report(config).path
     screen = final_screen(
@@ -333,7 +335,7 @@ def final_screen(
     """What ``yoloprune demo`` prints last, on one screen: the baseline, the best searched model against uniform
     pruning at the same cost (after the proxy, and after ``long_epochs`` of fine-tuning), where the files are,
     and the commands to go on with."""
-    from yoloprune.search.calibration import long_results
+    from yoloprune.search.calibration import long_results, reference
     from yoloprune.search.optuna_engine import open_study
     from yoloprune.search.results import judged_frame
     from yoloprune.storage import Store
@@ -411,6 +413,17 @@ def final_screen(
         )
     elif not rows:
         lines.append(f"  no complete trial on the target yet: `yoloprune results {cfg} --all` shows why")
+    ref = reference(study, long_epochs)
+    if ref and rows and any(final(r) is not None for _, r in rows):
+        against = ", ".join(
+            f"{label.split()[0]} {100 * (1 - after / ref['map50_95']):.1f}%"
+            for label, r in rows
+            if (after := final(r)) is not None
+        )
+        lines.append(
+            f"  like with like: the unpruned base fine-tuned the same {long_epochs} epochs reaches "
+            f"{ref['map50_95']:.4f}; drop against it: {against}"
+        )
     feasible = ok[ok["feasible"] == True] if not ok.empty else ok  # noqa: E712
     pick = max((r for _, r in feasible.iterrows()), key=score) if not feasible.empty else None
     lines.append("files:")
