@@ -76,8 +76,12 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--recipes", nargs="+", type=int, default=None, help="recipe numbers to run (default all)")
-    p.add_argument("--setup", choices=["bench", "demo"], default="bench",
-                   help="bench: the headline benchmark's base (trained once, cached); demo: the shipped demo base")
+    p.add_argument(
+        "--setup",
+        choices=["bench", "demo"],
+        default="bench",
+        help="bench: the headline benchmark's base (trained once, cached); demo: the shipped demo base",
+    )
     p.add_argument("--output", default="outputs/proxy_recovery")
     args = p.parse_args()
     setup = BENCH if args.setup == "bench" else DEMO

@@ -139,5 +139,7 @@ def test_the_long_fine_tune_recipe_applies_over_the_proxy_overrides():
                               "warmup_epochs": 1, "cos_lr": True}  # fmt: skip
     assert cfg.overrides == {"seed": 3, "lr0": 0.001, "mosaic": 0.5} and cfg.epochs == 2
     assert FinetuneConfig(long={"close_mosaic": 0, "lr0": 0.01}).for_long(3).overrides == {
-        "close_mosaic": 0, "lr0": 0.01}
+        "close_mosaic": 0,
+        "lr0": 0.01,
+    }
     assert FinetuneConfig(long={}).for_long(3).overrides == {"close_mosaic": 1}  # the proxy's recipe, mosaic once

@@ -338,9 +338,10 @@ def test_interrupted_export_fine_tune_resumes(tmp_path, tiny_data):
     assert card["finetune"]["resumed_from_epoch"] == done and len(card["finetune"]["history"]) == 4 - done
     # the long recipe (finetune.long's default), mosaic closed for the last quarter, stated in the card
     assert card["finetune"]["recipe"] == {"close_mosaic": 1, "lr0": 0.005, "warmup_epochs": 1, "cos_lr": True}
-    assert "Fine-tuned 4 epochs (close_mosaic 1, lr0 0.005, warmup_epochs 1, cos_lr True)." in (
-        out / "resume-exp-trial0.card.md"
-    ).read_text()
+    assert (
+        "Fine-tuned 4 epochs (close_mosaic 1, lr0 0.005, warmup_epochs 1, cos_lr True)."
+        in (out / "resume-exp-trial0.card.md").read_text()
+    )
     fresh = _run("export", str(cfg_path), "--trial", "0", "--epochs", "4", "--output", str(out), cwd=tmp_path)
     assert fresh.returncode == 0 and "resumed" not in fresh.stdout  # a finished run is not resumed
 

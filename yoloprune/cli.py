@@ -163,7 +163,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--policy", choices=["fastest", "most_accurate"], default="fastest",
                    help="what 'best' means: the fastest feasible trial, or the most accurate within --latency-budget-ms")  # fmt: skip
     s.add_argument("--latency-budget-ms", type=float, default=None)
-    s.add_argument("--epochs", type=int, default=30, help="fine-tune epochs (default 30), with the recipe finetune.long")
+    s.add_argument(
+        "--epochs", type=int, default=30, help="fine-tune epochs (default 30), with the recipe finetune.long"
+    )
     s.add_argument("--dynamic", action="store_true", help="ONNX with a dynamic batch dimension")
     s.add_argument("--engine", action="store_true", help="also build an FP16 TensorRT engine (needs TensorRT here)")
     s.add_argument("--int8", action="store_true",

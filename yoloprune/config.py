@@ -51,11 +51,12 @@ class FinetuneConfig(_Section):
             (ratios x 1/n, 2/n ... 1), sharing ``epochs`` between them. 1: prune once, then fine-tune.
         overrides: any Ultralytics training argument (``lr0``, ``optimizer``, ``mosaic``...).
         long: the long fine-tune's recipe (``yoloprune export``, and ``calibrate``/``fidelity`` that predict
-            it), Ultralytics arguments applied over ``overrides``. By default a one-epoch warm-up to lr0 0.003,
+            it), Ultralytics arguments applied over ``overrides``. By default a one-epoch warm-up to lr0 0.005,
             cosine decay, and mosaic augmentation until the last quarter of the epochs (``close_mosaic``, unless
-            set here): on a converged base, -50% FLOPs, 10 epochs, this recovered 82% of the base's mAP50-95
-            where the proxy's recipe (lr0 0.001, no warm-up, mosaic off) recovered 69% (README, "Long
-            fine-tune recipe"). A short proxy is damaged by such a rate; a long fine-tune recovers from it.
+            set here): on a converged base at -50% FLOPs this recovered 82% of the base's mAP50-95 in 10 epochs
+            and 101% in 30, where the proxy's recipe (lr0 0.001, no warm-up, mosaic off) recovered 69% and 88%
+            (README, "Long fine-tune recipe"). A short proxy is damaged by such a rate; a long fine-tune
+            recovers from it. ``{}``: the proxy's recipe.
     """
 
     epochs: int = Field(3, ge=0)

@@ -371,7 +371,12 @@ def _recheck(
         }
     if "map50_95" in proxy and trial.user_attrs.get("finetuned", True) and config.finetune.rounds == 1:
         cal.record_long(
-            study, trial.number, epochs, float(proxy["map50_95"]), float(metrics["map50_95"]), source="export",
+            study,
+            trial.number,
+            epochs,
+            float(proxy["map50_95"]),
+            float(metrics["map50_95"]),
+            source="export",
             recipe=config.finetune.for_long(epochs).overrides,
         )
         if fitted is None or fitted.epochs == epochs:  # under 3 points at these epochs: no fit yet

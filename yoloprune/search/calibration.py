@@ -354,7 +354,7 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
                 start = time.perf_counter()
                 candidate = config.space.candidate_of(t.params, t.user_attrs)
                 result = session.evaluator.evaluate(candidate, name=f"long{epochs}_{t.number:04d}")
-                entry = {
+                entry: dict[str, Any] = {
                     "proxy": float(t.user_attrs["metrics"]["map50_95"]),
                     "final": result.raw["map50_95"],
                     "seconds": time.perf_counter() - start,
@@ -392,7 +392,7 @@ def measure_reference(config: ExperimentConfig, epochs: int, *, long: bool = Tru
             keep_run=False, **recipe,
         )  # fmt: skip
     val = result.val
-    value = {
+    value: dict[str, Any] = {
         "map50_95": float(val.map50_95 if val else result.epochs[-1]["map50_95"]),
         "map50": float(val.map50 if val else result.epochs[-1]["map50"]),
         "seconds": time.perf_counter() - start,
@@ -435,7 +435,9 @@ def calibrate(
     ref = proxy_ref = None
     if with_reference:
         ref = measure_reference(config, epochs)
-        proxy_ref = measure_reference(config, config.finetune.epochs, long=False) if config.finetune.epochs > 0 else None
+        proxy_ref = (
+            measure_reference(config, config.finetune.epochs, long=False) if config.finetune.epochs > 0 else None
+        )
     calibration = refit(study, baseline, epochs=epochs, proxy_epochs=config.finetune.epochs, max_error=max_error)
     problem = None
     if float(baseline["map50_95"]) <= 0:
