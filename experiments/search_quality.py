@@ -190,24 +190,31 @@ def sibling_width(setup: DemoSetup, nc: int, gflops: float) -> tuple[float, Any]
     return best[1], best[2]
 
 
+def _sibling_at(dataset: str, target: str) -> tuple[DemoSetup, Any, float, float, Any]:
+    """The dataset's set-up and data, the base's GFLOPs, and the narrowed YAML at the target's FLOPs."""
+    from yoloprune.data.check import inspect_dataset
+    from yoloprune.pruning import measure_costs
+    from yoloprune.ultra.models import load_detector
+
+    setup = DATASETS[dataset]
+    data = inspect_dataset(demo_dataset(setup))
+    base_gflops = measure_costs(load_detector(base_model_path(setup)), setup.imgsz).gflops
+    width, model = sibling_width(setup, data.nc, base_gflops * (1 - TARGETS[target]["value"]))
+    return setup, data, base_gflops, width, model
+
+
 def sibling(progress: Progress, dataset: str, target: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The base's YAML narrowed to the target's FLOPs, trained from scratch for base + export epochs."""
-    from yoloprune.data.check import inspect_dataset
     from yoloprune.demo import train_from_scratch
     from yoloprune.evaluators.hardware import HardwareEvaluator
     from yoloprune.pruning import measure_costs
-    from yoloprune.ultra.models import load_detector
     from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.val import validate
 
     key = f"{dataset}/{target}/sibling/{seed}"
     if (done := progress.get(key)) is not None:
         return dict(done)
-    setup = DATASETS[dataset]
-    data = inspect_dataset(demo_dataset(setup))
-    base_gflops = measure_costs(load_detector(base_model_path(setup)), setup.imgsz).gflops
-    goal = base_gflops * (1 - TARGETS[target]["value"])
-    width, model = sibling_width(setup, data.nc, goal)
+    setup, data, base_gflops, width, model = _sibling_at(dataset, target)
     epochs = setup.base_epochs + args.long_epochs
     start = time.perf_counter()
     result = train_from_scratch(
@@ -236,20 +243,15 @@ def sibling_finetuned(progress: Progress, dataset: str, target: str, seed: int,
     fine-tuned with the export's recipe (``finetune.long``) for the export's epochs, so the restart that lifts the
     base and the pruned models lifts it too."""
     from yoloprune.config import FinetuneConfig
-    from yoloprune.data.check import inspect_dataset
     from yoloprune.demo import train_from_scratch
     from yoloprune.pruning import measure_costs
-    from yoloprune.ultra.models import load_detector
     from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.train import finetune
 
     key = f"{dataset}/{target}/sibling+ft/{seed}"
     if (done := progress.get(key)) is not None:
         return dict(done)
-    setup = DATASETS[dataset]
-    data = inspect_dataset(demo_dataset(setup))
-    base_gflops = measure_costs(load_detector(base_model_path(setup)), setup.imgsz).gflops
-    width, model = sibling_width(setup, data.nc, base_gflops * (1 - TARGETS[target]["value"]))
+    setup, data, base_gflops, width, model = _sibling_at(dataset, target)
     start = time.perf_counter()
     folder = Path(args.output) / dataset / target / "sibling+ft"
     scratch = train_from_scratch(
@@ -340,6 +342,8 @@ def main() -> None:
     p.add_argument("--keep", type=int, default=3, help="screened candidates fine-tuned by the proxy")
     p.add_argument("--tpe", type=int, default=4, help="TPE trials after the screened ones")
     p.add_argument("--no-sibling", action="store_true", help="skip the smaller sibling trained from scratch")
+    p.add_argument("--sibling-seeds", type=int, nargs="*", default=None,
+                   help="seeds of the sibling trained in one schedule (default: --seeds)")  # fmt: skip
     p.add_argument(
         "--sibling-ft-seeds",
         type=int,
@@ -363,7 +367,7 @@ def main() -> None:
                           flush=True)  # fmt: skip
             print(f"  the base fine-tuned as long: {reference(progress, dataset, target, args)}", flush=True)
             if target.startswith("flops") and not args.no_sibling:
-                for seed in args.seeds:
+                for seed in args.seeds if args.sibling_seeds is None else args.sibling_seeds:
                     print(f"  sibling seed {seed}: {sibling(progress, dataset, target, seed, args)}", flush=True)
                 for seed in args.sibling_ft_seeds:
                     print(f"  sibling + fine-tune seed {seed}: {sibling_finetuned(progress, dataset, target, seed, args)}",
