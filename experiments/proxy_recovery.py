@@ -8,7 +8,7 @@ so at batch 16 a 2-epoch proxy on 400 images takes only ~12 optimizer steps.
 
     python experiments/proxy_recovery.py                          # the benchmark's base (cached), ~5 min
     python experiments/proxy_recovery.py --targets 0.25 0.5 --epochs 2
-    python experiments/proxy_recovery.py --setup demo --targets 0.5 --epochs 10 --recipes 6 8 9 10 11 12
+    python experiments/proxy_recovery.py --setup demo --targets 0.5 --epochs 10 --recipes 6 8 9 10 11 12 13
         # the long fine-tune (the export's): the shipped demo base, nothing to train first
 """
 

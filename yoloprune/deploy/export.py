@@ -133,6 +133,7 @@ def export_trial(
     candidate = config.space.candidate_of(trial.params, trial.user_attrs)
     output.mkdir(parents=True, exist_ok=True)
     stem = f"{config.name}-trial{trial.number}"
+    recipe = config.finetune.for_long(epochs).overrides if epochs > 0 else {}
     start = time.perf_counter()
     with ultralytics_quiet():
         model: nn.Module = candidate.apply(exp.base)
@@ -152,7 +153,7 @@ def export_trial(
                 resume=not fresh,
                 teacher=exp.base if config.finetune.distill > 0 else None,
                 distill=config.finetune.distill,
-                **config.finetune.for_long(epochs).overrides,
+                **recipe,
             )
             model, history, resumed_from = tuned.model, tuned.epochs, tuned.resumed_from
         val = validate(model, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
@@ -195,7 +196,7 @@ def export_trial(
         "candidate": candidate.as_dict(),
         "finetune": {
             "epochs": epochs,
-            "recipe": config.finetune.for_long(epochs).overrides if epochs > 0 else {},
+            "recipe": recipe,
             "distill": config.finetune.distill,
             "history": history,
             "resumed_from_epoch": resumed_from,
