@@ -1,6 +1,6 @@
 """Does the calibrated proxy predict the drop after the export's fine-tune? Fit it, then check it on other models.
 
-On the benchmark's base (``yoloprune.demo.BENCH``), a search puts uniform pruning and random allocations on
+On the benchmark's base (``yoloprune.experiment.builtin.BENCH``), a search puts uniform pruning and random allocations on
 several FLOPs targets (the same proxy as ``experiments/search_quality.py``); ``yoloprune calibrate``'s code then
 long-fine-tunes ``--candidates`` of them (uniform first) for the export's ``--epochs`` and fits
 ``final drop = a + b x proxy drop``. Printed: the fit, its leave-one-out error, and each point. Then, as an
@@ -22,7 +22,8 @@ from typing import Any
 import pandas as pd
 
 from yoloprune.config import config_from_dict
-from yoloprune.demo import BENCH, DEMO_EXPERIMENT, base_model_path, demo_dataset
+from yoloprune.demo import DEMO_EXPERIMENT
+from yoloprune.experiment.builtin import BENCH, base_model_path, demo_dataset
 from yoloprune.search import calibration as cal
 from yoloprune.search.runner import run_search
 from yoloprune.tables import format_table

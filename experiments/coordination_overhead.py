@@ -32,8 +32,10 @@ import optuna
 from optuna.trial import TrialState
 
 from yoloprune.config import config_from_dict
-from yoloprune.search.optuna_engine import fail_stale, finished_count, open_study, set_constraints, set_user_attrs
+from yoloprune.search.optuna_engine import open_study
 from yoloprune.storage import Store
+from yoloprune.storage.optuna_adapter import fail_stale, finished_count, write_record
+from yoloprune.storage.record import TrialRecord
 
 STAGES = ["backbone.p2", "backbone.p3", "backbone.p4", "backbone.p5", "neck"]
 CLASSES = ["circle", "square", "triangle", "star", "ring", "cross"]
@@ -60,26 +62,25 @@ def _worker(name: str, url: str, trials: int, times: Any, bare: bool = False, n_
 
     def objective(trial: optuna.Trial) -> list[float]:
         candidate = config.space.suggest(trial)
-        set_user_attrs(
+        write_record(
             trial,
-            {
-                "candidate": {"ratios": candidate.ratios, "importance": "l1", "round_to": 1},
-                "candidate_key": candidate.key(),
-                "worker": {"host": "bench", "pid": worker},
-            },
+            TrialRecord(
+                candidate={"ratios": candidate.ratios, "importance": "l1", "round_to": 1},
+                candidate_key=candidate.key(),
+                worker={"host": "bench", "pid": worker},
+            ),
         )
         if not bare:
             twins = [
                 t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                if t.user_attrs.get("candidate_key") == candidate.key() and t.number != trial.number
+                if TrialRecord.from_frozen(t).candidate_key == candidate.key() and t.number != trial.number
             ]  # fmt: skip
             assert not twins  # continuous ratios: never the same
         metrics = {f"m{i}": 0.1 * i for i in range(15)} | {"map50_95": 0.3, "gflops": 5.0}
-        set_constraints(trial, [-0.1, -0.2])
-        set_user_attrs(trial, {
-            "metrics": metrics, "per_class": {c: 0.3 for c in CLASSES}, "feasible": True, "finetuned": True,
-            "reward": 0.5, "epochs": [{"map50": 0.4, "map50_95": 0.3}] * 3, "timings": {"total": 0.0},
-        })  # fmt: skip
+        write_record(trial, TrialRecord(
+            metrics=metrics, per_class={c: 0.3 for c in CLASSES}, feasible=True, finetuned=True,
+            reward=0.5, epochs=[{"map50": 0.4, "map50_95": 0.3}] * 3, timings={"total": 0.0},
+        ), [-0.1, -0.2])  # fmt: skip
         return [0.3, 5.0]
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 
 from yoloprune.data import SyntheticSpec
-from yoloprune.demo import DemoSetup, base_model_path, demo_dataset
+from yoloprune.experiment.builtin import DemoSetup, base_model_path, demo_dataset
 from yoloprune.pruning import find_stages, measure_costs, prune
 from yoloprune.ultra.models import load_detector
 from yoloprune.ultra.train import finetune

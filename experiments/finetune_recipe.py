@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 
 from yoloprune.data import SyntheticSpec
-from yoloprune.demo import DemoSetup, base_model_path, demo_dataset
+from yoloprune.experiment.builtin import DemoSetup, base_model_path, demo_dataset
+from yoloprune.offline import ultralytics_quiet
 from yoloprune.pruning import find_stages, prune
 from yoloprune.ultra.models import load_detector
-from yoloprune.ultra.offline import ultralytics_quiet
 from yoloprune.ultra.train import finetune
 from yoloprune.ultra.val import recalibrate_bn
 

@@ -56,12 +56,12 @@ def latency_table(imgsz: int, repeats: int, workdir: Path) -> pd.DataFrame:
 
 
 def accuracy_table(workdir: Path) -> pd.DataFrame:
+    from yoloprune.convert.onnx import export_onnx
+    from yoloprune.convert.quantize import calibration_batches, quantize_onnx
     from yoloprune.data.check import inspect_dataset
-    from yoloprune.demo import FULL, base_model_path, demo_dataset
-    from yoloprune.deploy.onnx import export_onnx
-    from yoloprune.deploy.quantize import calibration_batches, quantize_onnx
+    from yoloprune.experiment.builtin import FULL, base_model_path, demo_dataset
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.ultra.models import load_detector
-    from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.val import train_images, validate
 
     info = inspect_dataset(demo_dataset(FULL))
@@ -93,8 +93,8 @@ def recipe_table(imgsz: int, workdir: Path) -> pd.DataFrame:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from yoloprune.deploy.onnx import export_onnx
-    from yoloprune.deploy.quantize import head_decode_nodes, quantize_onnx
+    from yoloprune.convert.onnx import export_onnx
+    from yoloprune.convert.quantize import head_decode_nodes, quantize_onnx
     from yoloprune.evaluators.latency import LatencySpec, get_backend
     from yoloprune.ultra.models import load_detector
 

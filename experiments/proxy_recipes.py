@@ -24,7 +24,7 @@ import pandas as pd
 from yoloprune.config import FinetuneConfig, config_from_dict
 from yoloprune.demo import DEMO_EXPERIMENT
 from yoloprune.evaluators.proxy import ProxyEvaluator
-from yoloprune.search.runner import prepare
+from yoloprune.experiment import prepare
 from yoloprune.spaces import Candidate
 from yoloprune.tables import format_table
 
@@ -47,7 +47,7 @@ def main() -> None:
 
     raw: dict[str, Any] = copy.deepcopy(DEMO_EXPERIMENT)
     if args.base_epochs is not None:
-        from yoloprune.demo import FULL, base_model_path
+        from yoloprune.experiment.builtin import FULL, base_model_path
 
         raw["model"] = str(base_model_path(dataclasses.replace(FULL, base_epochs=args.base_epochs)))
     raw.update(name="recipes", output=args.output, targets=[], constraints=[])

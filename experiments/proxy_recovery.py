@@ -19,11 +19,11 @@ import json
 import time
 
 from yoloprune.data.check import inspect_dataset
-from yoloprune.demo import BENCH, DEMO, base_model_path, demo_dataset, shipped_base
+from yoloprune.experiment.builtin import BENCH, DEMO, base_model_path, demo_dataset, shipped_base
+from yoloprune.offline import ultralytics_quiet
 from yoloprune.pruning import find_stages, prune
 from yoloprune.pruning.widths import CostModel
 from yoloprune.ultra.models import load_detector
-from yoloprune.ultra.offline import ultralytics_quiet
 from yoloprune.ultra.train import finetune
 from yoloprune.ultra.val import recalibrate_bn, validate
 

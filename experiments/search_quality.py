@@ -2,7 +2,7 @@
 pruning and against the smaller sibling a user would otherwise train?
 
 Per dataset (the built-in demo images, and many small objects), on a converged base trained once and
-cached (``yoloprune.demo.BENCH``/``BENCH_SMALL``: 128 px, 100 epochs), per cost target (-50% FLOPs; -40%
+cached (``yoloprune.experiment.builtin.BENCH``/``BENCH_SMALL``: 128 px, 100 epochs), per cost target (-50% FLOPs; -40%
 ONNX Runtime CPU latency):
 
 1. each method searches as its own experiment with the same proxy (BN re-estimation, then a short
@@ -35,7 +35,8 @@ from typing import Any
 import pandas as pd
 
 from yoloprune.config import ExperimentConfig, config_from_dict
-from yoloprune.demo import BENCH, BENCH_SMALL, DEMO_EXPERIMENT, DemoSetup, base_model_path, demo_dataset
+from yoloprune.demo import DEMO_EXPERIMENT
+from yoloprune.experiment.builtin import BENCH, BENCH_SMALL, DemoSetup, base_model_path, demo_dataset
 from yoloprune.tables import format_table
 
 DATASETS: dict[str, DemoSetup] = {"builtin": BENCH, "small-objects": BENCH_SMALL}
@@ -205,10 +206,10 @@ def _sibling_at(dataset: str, target: str) -> tuple[DemoSetup, Any, float, float
 
 def sibling(progress: Progress, dataset: str, target: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     """The base's YAML narrowed to the target's FLOPs, trained from scratch for base + export epochs."""
-    from yoloprune.demo import train_from_scratch
     from yoloprune.evaluators.hardware import HardwareEvaluator
+    from yoloprune.experiment.builtin import train_from_scratch
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.pruning import measure_costs
-    from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.val import validate
 
     key = f"{dataset}/{target}/sibling/{seed}"
@@ -224,9 +225,9 @@ def sibling(progress: Progress, dataset: str, target: str, seed: int, args: argp
     )  # fmt: skip
     with ultralytics_quiet():
         val = validate(result.model, data, imgsz=setup.imgsz)
-    from yoloprune.config import LatencyTarget
+    from yoloprune.config import latency_target
 
-    hardware = HardwareEvaluator([LatencyTarget(**CPU_ORT)], imgsz=setup.imgsz, store=None,
+    hardware = HardwareEvaluator([latency_target(**CPU_ORT)], imgsz=setup.imgsz, store=None,
                                  workdir=Path(args.output) / "latency")  # fmt: skip
     measured, _ = hardware.measure(result.model, use_cache=False)
     costs = measure_costs(result.model, setup.imgsz)
@@ -243,9 +244,9 @@ def sibling_finetuned(progress: Progress, dataset: str, target: str, seed: int,
     fine-tuned with the export's recipe (``finetune.long``) for the export's epochs, so the restart that lifts the
     base and the pruned models lifts it too."""
     from yoloprune.config import FinetuneConfig
-    from yoloprune.demo import train_from_scratch
+    from yoloprune.experiment.builtin import train_from_scratch
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.pruning import measure_costs
-    from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.train import finetune
 
     key = f"{dataset}/{target}/sibling+ft/{seed}"
@@ -278,8 +279,8 @@ def base_record(progress: Progress, dataset: str) -> dict[str, Any]:
     """The converged base: epochs, mAP50-95 (the trainer's, and validated as every search and export does), and
     how much its last 10 epochs added."""
     from yoloprune.data.check import inspect_dataset
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.ultra.models import load_checkpoint_dict, load_detector
-    from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.val import validate
 
     key = f"{dataset}/base"

@@ -25,12 +25,14 @@ from typing import Any
 import pandas as pd
 
 from yoloprune.config import config_from_dict
-from yoloprune.demo import DEMO_EXPERIMENT, FULL, base_model_path
+from yoloprune.demo import DEMO_EXPERIMENT
+from yoloprune.experiment import prepare, start_session
+from yoloprune.experiment.builtin import FULL, base_model_path
+from yoloprune.offline import ultralytics_quiet
 from yoloprune.search.optuna_engine import open_study
 from yoloprune.search.results import trials_frame
-from yoloprune.search.runner import prepare, run_search, start_session
+from yoloprune.search.runner import run_search
 from yoloprune.tables import format_table
-from yoloprune.ultra.offline import ultralytics_quiet
 
 STAGES = ("backbone.p2", "backbone.p3", "backbone.p4", "backbone.p5", "neck")
 
@@ -123,7 +125,7 @@ def _long(best_of: dict[str, tuple[Any, int]], epochs: int) -> None:
         exp = prepare(config)
         long = config.finetune.model_copy(update={"epochs": epochs, "skip_infeasible": False})
         with ultralytics_quiet():
-            session = start_session(exp, study, measure_latency=False, finetune=long)
+            session = start_session(exp, measure_latency=False, finetune=long)
             result = session.evaluator.evaluate(candidate, name=f"long_{number:04d}")
         done[candidate.key()] = result.raw["map50_95"]
         rows.append({"best of": label, "trial": number, f"mAP50-95 after {epochs} epochs": result.raw["map50_95"]})

@@ -33,7 +33,7 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def plain_env(home: Path) -> dict[str, str]:
     """Environment for a fresh process that uses plain Ultralytics, offline, with no yoloprune import."""
-    from yoloprune.ultra.offline import ultralytics_config_dir
+    from yoloprune.offline import ultralytics_config_dir
 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLOPRUNE", "PYTHONPATH"))}
     env.update({"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "0", "YOLO_CONFIG_DIR": str(ultralytics_config_dir())})

@@ -12,9 +12,8 @@ import urllib.request
 
 import pytest
 
-from yoloprune.config import ConfigError
-from yoloprune.deploy.onnx import export_onnx
-from yoloprune.errors import EvaluatorError
+from yoloprune.convert.onnx import export_onnx
+from yoloprune.errors import ConfigError, EvaluatorError
 from yoloprune.evaluators.latency import LatencySpec, get_backend, measure_latency
 from yoloprune.evaluators.latency.agent import AgentServer
 from yoloprune.ultra.models import load_detector
@@ -94,7 +93,7 @@ def test_int8_remote_measurement(agent, onnx_file, tmp_path):
     """The search side sends a Q/DQ ONNX; a float upload with an int8 spec is quantized by the agent."""
     import dataclasses
 
-    from yoloprune.deploy.quantize import is_quantized
+    from yoloprune.convert.quantize import is_quantized
 
     int8 = dataclasses.replace(SPEC, precision="int8")
     remote = get_backend("remote", url=agent, token=TOKEN)

@@ -98,8 +98,8 @@ def _study(tmp_path, constraints):
 
 
 def test_constraints_are_judged_on_the_predicted_final_drop(tmp_path):
-    from yoloprune.deploy.export import select_trial
     from yoloprune.search.results import judged_frame, render_results
+    from yoloprune.search.selection import select_trial
 
     config, study = _study(tmp_path, [{"metric": "map50_95_drop", "max": 0.1}])
     assert not any(t.user_attrs["feasible"] for t in study.trials)  # every proxy drop is >= 30%

@@ -40,7 +40,7 @@ def test_ratio_outside_range(v8n, ratio):
 
 
 def test_unknown_importance_and_bad_round_to(v8n):
-    with pytest.raises(SearchSpaceError, match="Valid: l1, l2, bn_scale, random"):
+    with pytest.raises(SearchSpaceError, match="Known: l1, l2, bn_scale, random"):
         prune(v8n, {"neck": 0.3}, importance="l3")
     with pytest.raises(SearchSpaceError, match="round_to"):
         prune(v8n, {"neck": 0.3}, round_to=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from yoloprune.deploy.onnx import check_onnx, export_onnx
+from yoloprune.convert.onnx import check_onnx, export_onnx
 from yoloprune.errors import BackendUnavailableError, ConfigError
 from yoloprune.evaluators.latency import (
     LatencySpec,
@@ -133,7 +133,7 @@ def test_quantize_recipes(models, tmp_path):
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from yoloprune.deploy.quantize import head_decode_nodes, is_quantized, quantize_onnx
+    from yoloprune.convert.quantize import head_decode_nodes, is_quantized, quantize_onnx
 
     _, pruned = models
     src = export_onnx(pruned, tmp_path / "pruned.onnx", imgsz=96)
@@ -180,7 +180,7 @@ def test_quantize_recipes(models, tmp_path):
 def test_quantize_bad_input(models, tmp_path):
     import numpy as np
 
-    from yoloprune.deploy.quantize import quantize_onnx
+    from yoloprune.convert.quantize import quantize_onnx
     from yoloprune.errors import EvaluatorError
 
     base, _ = models

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from yoloprune.search.objectives import Constraint, RewardConfig, pareto_mask, relative_metrics, reward, violations
+from yoloprune.config.objectives import Constraint, RewardConfig, pareto_mask, relative_metrics, reward, violations
 
 BASE = {"map50": 0.8, "map50_95": 0.5, "params": 1000.0, "gflops": 8.0, "size_mb": 2.0}
 DEFAULT = [Constraint(metric="map50_95_drop", max=0.02), Constraint(metric="flops_reduction", min=0.5)]

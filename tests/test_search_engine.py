@@ -7,7 +7,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from yoloprune.search.optuna_engine import EpochReporter, recover_interrupted
+from yoloprune.search.optuna_engine import EpochReporter
+from yoloprune.storage.optuna_adapter import recover_interrupted
 
 
 def _mo_study() -> optuna.Study:

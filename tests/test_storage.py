@@ -159,7 +159,7 @@ def test_storage_survives_a_database_restart(postgres):
     import threading
     import time
 
-    from yoloprune.search.optuna_engine import rdb_storage
+    from yoloprune.storage.optuna_adapter import rdb_storage
 
     url = postgres.create_database("restart")
     store = Store(url)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from yoloprune.device import default_device
-from yoloprune.errors import ConfigError, YoloPruneError
+from yoloprune.errors import ConfigError, InternalError, YoloPruneError
 from yoloprune.log import get_logger, set_verbosity
 from yoloprune.tables import format_table
 
@@ -21,7 +21,7 @@ LOGGER = get_logger("cli")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for a user error)."""
+    """Entry point; returns the process exit code (2 for a user error, 70 for a bug in yoloprune)."""
     parser = _parser()
     args = parser.parse_args(argv)
     if args.quiet:
@@ -31,6 +31,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except YoloPruneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except InternalError as e:  # not the user's to fix: show where it broke, for the bug report
+        import traceback
+
+        traceback.print_exc()
+        print(f"internal error: {e}", file=sys.stderr)
+        return 70  # EX_SOFTWARE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -263,7 +269,8 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     import pandas as pd
     from pydantic import ValidationError
 
-    from yoloprune.config import LatencyTarget, _explain
+    from yoloprune.config import latency_target
+    from yoloprune.config.loading import _explain
     from yoloprune.evaluators.hardware import HardwareEvaluator
     from yoloprune.pruning import measure_costs
     from yoloprune.ultra.models import load_detector
@@ -271,10 +278,15 @@ def _cmd_latency(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         raise ConfigError("--repeats must be at least 1.")
     try:
-        target = LatencyTarget(
-            name="cli", backend=args.backend, device=args.device, precision=args.precision, batch=args.batch,
-            imgsz=args.imgsz, threads=args.threads, url=args.url, remote_backend=args.remote_backend,
-        )  # fmt: skip
+        fields = {"name": "cli", "backend": args.backend, "device": args.device, "precision": args.precision,
+                  "batch": args.batch, "imgsz": args.imgsz}  # fmt: skip
+        if args.backend == "remote":
+            fields |= {"url": args.url or "", "remote_backend": args.remote_backend}
+        elif args.url:
+            raise ConfigError("--url is for --backend remote (a device's `yoloprune agent`).")
+        else:
+            fields["threads"] = args.threads
+        target = latency_target(**fields)
     except ValidationError as e:
         raise ConfigError("invalid latency options:\n" + _explain(e)) from None
     models = {path: load_detector(path).eval() for path in args.models}
@@ -544,8 +556,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from yoloprune.config import load_config
-    from yoloprune.deploy.export import export_trial, select_trial
+    from yoloprune.deploy.export import export_trial
     from yoloprune.search.optuna_engine import open_study
+    from yoloprune.search.selection import select_trial
 
     config = load_config(args.config)
     study = open_study(config, create=False)
@@ -614,7 +627,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from yoloprune.demo import run_demo, train_demo_base
+    from yoloprune.demo import run_demo
+    from yoloprune.experiment.builtin import train_demo_base
 
     if args.train_base:
         info = train_demo_base(device=args.device or "cpu")

@@ -1,6 +1,7 @@
 """One root exception for every error a user can act on.
 
-Each message names the bad value and says what is valid or what to do next.
+Each message names the bad value and says what is valid or what to do next. A broken invariant of
+yoloprune's own is an :class:`InternalError` instead, outside that root: a bug to report, not an input to fix.
 """
 
 from __future__ import annotations
@@ -47,6 +48,20 @@ class BackendUnavailableError(YoloPruneError):
 
 class StorageError(YoloPruneError):
     """The database cannot be reached or holds an unexpected schema."""
+
+
+#: Ends every InternalError's message.
+REPORT_HINT = "This is a bug in yoloprune, not in your input; please report it with the full traceback."
+
+
+class InternalError(Exception):
+    """A bug in yoloprune: one of its own invariants broke. Deliberately not a YoloPruneError: no input fixes it.
+
+    The message names the broken invariant; :data:`REPORT_HINT` is added when it is shown.
+    """
+
+    def __str__(self) -> str:
+        return f"{super().__str__()} {REPORT_HINT}"  # added here, not in args: a pickled copy keeps one hint
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:

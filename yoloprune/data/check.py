@@ -117,7 +117,7 @@ def _root(yaml_path: Path, declared: Any) -> Path:
     beside = (yaml_path.resolve().parent / root).resolve()
     if beside.exists():
         return beside
-    from yoloprune.ultra.offline import configure_offline
+    from yoloprune.offline import configure_offline
 
     configure_offline()
     from ultralytics.utils import DATASETS_DIR  # Ultralytics' own rule for a relative root

@@ -9,10 +9,9 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 from torch import nn
 
 from yoloprune.config import ExperimentConfig
@@ -20,65 +19,6 @@ from yoloprune.errors import BackendUnavailableError, ConfigError
 from yoloprune.log import get_logger
 
 LOGGER = get_logger(__name__)
-
-Policy = Literal["fastest", "most_accurate"]
-
-
-def select_trial(
-    study: optuna.Study,
-    config: ExperimentConfig,
-    which: str = "best",
-    *,
-    policy: Policy = "fastest",
-    latency_budget_ms: float | None = None,
-) -> FrozenTrial:
-    """The trial to export: a number, or ``best`` by ``policy``.
-
-    ``fastest``: the feasible complete trial with the lowest cost (the first latency objective, else GFLOPs);
-    with a cost target, the most accurate feasible trial at the largest target value any feasible trial reached.
-    ``most_accurate``: the feasible complete trial with the highest mAP50-95 whose latency (first target)
-    is within ``latency_budget_ms``.
-    """
-    trials = study.get_trials(deepcopy=False)
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if not complete:
-        raise ConfigError(f"experiment '{config.name}' has no finished trial yet; run `yoloprune search` first.")
-    if which != "best":
-        if not which.isdigit() or int(which) >= len(trials):
-            raise ConfigError(f"trial '{which}' does not exist; trials are numbered 0-{len(trials) - 1}.")
-        trial = trials[int(which)]
-        if trial.state != TrialState.COMPLETE:
-            done = ", ".join(str(t.number) for t in complete)
-            raise ConfigError(f"trial {which} is {trial.state.name.lower()}, not complete; complete trials: {done}.")
-        return trial
-    from yoloprune.search.calibration import verdicts
-
-    judged = verdicts(study, config)  # on the calibrated final drop when the study has a usable calibration
-    feasible = [t for t in complete if t.number in judged and judged[t.number].feasible]
-    if not feasible:
-        raise ConfigError(
-            f"no feasible trial to call 'best' (constraints: {', '.join(c.describe() for c in config.constraints)}); "
-            f"complete trials: {', '.join(str(t.number) for t in complete)}. Export one with --trial N."
-        )
-    latency = f"latency_ms.{config.targets[0].name}" if config.targets else None
-    cost = next((o.metric for o in config.objectives if o.metric.startswith("latency_ms.")), latency or "gflops")
-    if policy == "fastest" and config.cost_target is not None:
-        # Candidates at one target value share its cost: the most aggressive value reached, then accuracy.
-        landed = [t for t in feasible if t.user_attrs.get("target", {}).get("on_target")] or feasible
-        top = max(t.user_attrs.get("target", {}).get("value", 0.0) for t in landed)
-        at = [t for t in landed if t.user_attrs.get("target", {}).get("value", 0.0) == top]
-        return max(at, key=lambda t: t.user_attrs["metrics"]["map50_95"])
-    if policy == "fastest":
-        return min(feasible, key=lambda t: t.user_attrs["metrics"][cost])
-    if latency is None or latency_budget_ms is None:
-        raise ConfigError("policy 'most_accurate' needs a latency target in the config and --latency-budget-ms.")
-    within = [t for t in feasible if t.user_attrs["metrics"][latency] <= latency_budget_ms]
-    if not within:
-        fastest = min(t.user_attrs["metrics"][latency] for t in feasible)
-        raise ConfigError(
-            f"no feasible trial runs within {latency_budget_ms} ms on '{latency}'; the fastest takes {fastest:.2f} ms."
-        )
-    return max(within, key=lambda t: t.user_attrs["metrics"]["map50_95"])
 
 
 @dataclass
@@ -113,17 +53,9 @@ def export_trial(
     also writes an INT8 Q/DQ ONNX calibrated on the dataset's training images and validates it (with
     ``engine``, an INT8 engine too).
     """
-    from yoloprune.deploy.onnx import check_onnx, export_onnx
-    from yoloprune.evaluators.hardware import HardwareEvaluator
-    from yoloprune.evaluators.proxy import ProxyEvaluator, raw_metrics
-    from yoloprune.pruning import measure_costs
-    from yoloprune.search.objectives import relative_metrics
-    from yoloprune.search.runner import experiment_baseline, prepare
+    from yoloprune.experiment import prepare
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.storage import file_sha256
-    from yoloprune.ultra.checkpoint import save_checkpoint
-    from yoloprune.ultra.offline import ultralytics_quiet
-    from yoloprune.ultra.train import finetune
-    from yoloprune.ultra.val import recalibrate_bn, validate
 
     if engine:
         _check_engine_export(dynamic)  # before any training: nothing computed is lost to a missing TensorRT
@@ -136,80 +68,20 @@ def export_trial(
     recipe = config.finetune.for_long(epochs).overrides if epochs > 0 else {}
     start = time.perf_counter()
     with ultralytics_quiet():
-        model: nn.Module = candidate.apply(exp.base)
-        recalibrate_bn(model, exp.data, imgsz=config.imgsz, batches=config.finetune.bn_batches, device=exp.device)
-        history: list[dict[str, float]] = []
-        resumed_from: int | None = None
-        if epochs > 0:
-            tuned = finetune(
-                model,
-                exp.data,
-                epochs=epochs,
-                imgsz=config.imgsz,
-                batch=config.finetune.batch,
-                device=exp.device,
-                project=output / "runs",
-                name=stem,
-                resume=not fresh,
-                teacher=exp.base if config.finetune.distill > 0 else None,
-                distill=config.finetune.distill,
-                **recipe,
-            )
-            model, history, resumed_from = tuned.model, tuned.epochs, tuned.resumed_from
-        val = validate(model, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
-        # The search stored the unpruned model's metrics once; evaluate them only if it never ran.
-        evaluator = ProxyEvaluator(
-            exp.base, exp.data, imgsz=config.imgsz, device=exp.device, finetune=config.finetune, workdir=output / "runs"
-        )
-        baseline = experiment_baseline(exp, evaluator)
-    raw = raw_metrics(val, measure_costs(model, config.imgsz))
-    base_raw = {k: float(baseline[k]) for k in ("map50", "map50_95", "params", "gflops", "size_mb")}
-    latency: dict[str, Any] = {}
-    if config.targets:
-        hardware = HardwareEvaluator(config.targets, imgsz=config.imgsz, store=exp.store, workdir=output / "latency")
-        measured, details = hardware.measure(model)
-        base_measured, base_details = hardware.measure(exp.base, use_cache=False)
-        raw.update(measured)
-        base_raw.update(base_measured)
-        latency = {"after": details, "before": base_details}
-    metrics = relative_metrics(raw, base_raw)
-
-    checkpoint = save_checkpoint(
-        model,
-        output / f"{stem}.pt",
-        train_args={"data": str(exp.data.yaml_path), "imgsz": config.imgsz},
-        metadata={
-            "experiment": config.name,
-            "trial": trial.number,
-            "ratios": candidate.ratios,
-            "importance": candidate.importance,
-            "round_to": candidate.round_to,
-            "metrics": metrics,
-        },
-    )
-    onnx_path = export_onnx(model, output / f"{stem}.onnx", imgsz=config.imgsz, dynamic=dynamic)
-    check = check_onnx(onnx_path, model, imgsz=config.imgsz)
+        model, finetuned = _prune_and_finetune(config, exp, candidate, epochs, recipe, output / "runs", stem, fresh)
+        val, baseline = _validate_with_base(config, exp, model, output / "runs")
+    measured = _measure_against_base(config, exp, model, val, baseline, output / "latency")
+    metrics, base_raw = measured["after"], measured["before"]
+    checkpoint, onnx_path, check = _save_model(config, exp, trial, candidate, model, metrics, output / stem, dynamic)
     files = {p.name: file_sha256(p) for p in (checkpoint, onnx_path)}
     card = {
         "experiment": config.name,
         "trial": trial.number,
         "candidate": candidate.as_dict(),
-        "finetune": {
-            "epochs": epochs,
-            "recipe": recipe,
-            "distill": config.finetune.distill,
-            "history": history,
-            "resumed_from_epoch": resumed_from,
-        },
-        "before": base_raw,
-        "after": metrics,
-        "per_class_ap50_95": {
-            "before": dict(baseline["per_class"]),
-            "after": {c.name: c.ap50_95 for c in val.per_class.values()},
-        },
-        "latency": latency,
+        "finetune": finetuned,
+        **measured,  # before, after, per_class_ap50_95, latency
         "onnx_check": {"max_abs_diff": check.max_abs_diff, "scale": check.scale, "dynamic_batch": dynamic},
-        "files": files,
+        "files": files,  # the engines' checksums join it below, before the card is written
         "versions": _versions(),
         "seconds": time.perf_counter() - start,
     }
@@ -221,23 +93,149 @@ def export_trial(
     int8_path = int8_engine = None
     if int8:
         int8_path, int8_engine, card["int8"] = _export_int8(onnx_path, exp.data, output / stem, config.imgsz, engine)
-    for extra in (engine_path, int8_path, int8_engine):
+    extras = ((engine_path, "export_engine"), (int8_path, "export_int8_onnx"), (int8_engine, "export_engine"))
+    card_json, card_md = _write_card(card, files, output / stem, [path for path, _ in extras])
+    made = ((checkpoint, "export_checkpoint"), (onnx_path, "export_onnx"), (card_json, "model_card"), *extras)
+    for path, kind in made:
+        if path is not None:
+            exp.store.add_artifact(exp.experiment_id, kind, path, trial.number)
+    return ExportResult(checkpoint, onnx_path, card_json, card_md, card, engine_path, int8_path, int8_engine)
+
+
+def _prune_and_finetune(
+    config: ExperimentConfig,
+    exp: Any,
+    candidate: Any,
+    epochs: int,
+    recipe: dict[str, Any],
+    runs: Path,
+    name: str,
+    fresh: bool,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The trial's model pruned from the base, BN re-estimated and fine-tuned ``epochs`` (resuming unless
+    ``fresh``), with the model card's record of the fine-tune."""
+    from yoloprune.pruning import prune_candidate
+    from yoloprune.ultra.train import finetune
+    from yoloprune.ultra.val import recalibrate_bn
+
+    model: nn.Module = prune_candidate(exp.base, candidate)
+    recalibrate_bn(model, exp.data, imgsz=config.imgsz, batches=config.finetune.bn_batches, device=exp.device)
+    history: list[dict[str, float]] = []
+    resumed_from: int | None = None
+    if epochs > 0:
+        tuned = finetune(
+            model,
+            exp.data,
+            epochs=epochs,
+            imgsz=config.imgsz,
+            batch=config.finetune.batch,
+            device=exp.device,
+            project=runs,
+            name=name,
+            resume=not fresh,
+            teacher=exp.base if config.finetune.distill > 0 else None,
+            distill=config.finetune.distill,
+            **recipe,
+        )
+        model, history, resumed_from = tuned.model, tuned.epochs, tuned.resumed_from
+    record = {
+        "epochs": epochs,
+        "recipe": recipe,
+        "distill": config.finetune.distill,
+        "history": history,
+        "resumed_from_epoch": resumed_from,
+    }
+    return model, record
+
+
+def _validate_with_base(config: ExperimentConfig, exp: Any, model: nn.Module, runs: Path) -> tuple[Any, dict[str, Any]]:
+    """``model``'s validation, and the unpruned base's metrics (evaluated only if the search never stored them)."""
+    from yoloprune.evaluators.proxy import ProxyEvaluator
+    from yoloprune.experiment import experiment_baseline
+    from yoloprune.ultra.val import validate
+
+    val = validate(model, exp.data, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device)
+    evaluator = ProxyEvaluator(
+        exp.base, exp.data, imgsz=config.imgsz, device=exp.device, finetune=config.finetune, workdir=runs
+    )
+    return val, experiment_baseline(exp, evaluator)
+
+
+def _measure_against_base(
+    config: ExperimentConfig, exp: Any, model: nn.Module, val: Any, baseline: dict[str, Any], workdir: Path
+) -> dict[str, Any]:
+    """The card's ``before``, ``after`` (relative to before), per-class AP and latency (on the config's targets)."""
+    from yoloprune.config.objectives import relative_metrics
+    from yoloprune.evaluators.hardware import HardwareEvaluator
+    from yoloprune.evaluators.proxy import raw_metrics
+    from yoloprune.pruning import measure_costs
+
+    raw = raw_metrics(val, measure_costs(model, config.imgsz))
+    base_raw = {k: float(baseline[k]) for k in ("map50", "map50_95", "params", "gflops", "size_mb")}
+    latency: dict[str, Any] = {}
+    if config.targets:
+        hardware = HardwareEvaluator(config.targets, imgsz=config.imgsz, store=exp.store, workdir=workdir)
+        measured, details = hardware.measure(model)
+        base_measured, base_details = hardware.measure(exp.base, use_cache=False)
+        raw.update(measured)
+        base_raw.update(base_measured)
+        latency = {"after": details, "before": base_details}
+    return {
+        "before": base_raw,
+        "after": relative_metrics(raw, base_raw),
+        "per_class_ap50_95": {
+            "before": dict(baseline["per_class"]),
+            "after": {c.name: c.ap50_95 for c in val.per_class.values()},
+        },
+        "latency": latency,
+    }
+
+
+def _save_model(
+    config: ExperimentConfig,
+    exp: Any,
+    trial: FrozenTrial,
+    candidate: Any,
+    model: nn.Module,
+    metrics: dict[str, float],
+    stem: Path,
+    dynamic: bool,
+) -> tuple[Path, Path, Any]:
+    """The checkpoint plain Ultralytics loads (with the trial's pruning and metrics), the ONNX file and its check."""
+    from yoloprune.convert.onnx import check_onnx, export_onnx
+    from yoloprune.ultra.checkpoint import save_checkpoint
+
+    checkpoint = save_checkpoint(
+        model,
+        stem.with_name(f"{stem.name}.pt"),
+        train_args={"data": str(exp.data.yaml_path), "imgsz": config.imgsz},
+        metadata={
+            "experiment": config.name,
+            "trial": trial.number,
+            "ratios": candidate.ratios,
+            "importance": candidate.importance,
+            "round_to": candidate.round_to,
+            "metrics": metrics,
+        },
+    )
+    onnx_path = export_onnx(model, stem.with_name(f"{stem.name}.onnx"), imgsz=config.imgsz, dynamic=dynamic)
+    return checkpoint, onnx_path, check_onnx(onnx_path, model, imgsz=config.imgsz)
+
+
+def _write_card(
+    card: dict[str, Any], files: dict[str, str], stem: Path, extras: list[Path | None]
+) -> tuple[Path, Path]:
+    """Add the ``extras``' checksums to ``files`` (the card's), then write the card as JSON and as Markdown."""
+    from yoloprune.storage import file_sha256
+
+    for extra in extras:
         if extra is not None:
             files[extra.name] = file_sha256(extra)
-    card_json = output / f"{stem}.card.json"
+    card_json = stem.with_name(f"{stem.name}.card.json")
     card_json.write_text(json.dumps(card, indent=2, default=float))
-    card_md = output / f"{stem}.card.md"
+    card_md = stem.with_name(f"{stem.name}.card.md")
     card_md.write_text(_markdown(card))
-    for path, kind in ((checkpoint, "export_checkpoint"), (onnx_path, "export_onnx"), (card_json, "model_card")):
-        exp.store.add_artifact(exp.experiment_id, kind, path, trial.number)
-    for extra, kind in (
-        (engine_path, "export_engine"),
-        (int8_path, "export_int8_onnx"),
-        (int8_engine, "export_engine"),
-    ):
-        if extra is not None:
-            exp.store.add_artifact(exp.experiment_id, kind, extra, trial.number)
-    return ExportResult(checkpoint, onnx_path, card_json, card_md, card, engine_path, int8_path, int8_engine)
+    return card_json, card_md
 
 
 def _export_int8(
@@ -245,8 +243,8 @@ def _export_int8(
 ) -> tuple[Path, Path | None, dict[str, Any]]:
     """INT8 Q/DQ ONNX (ONNX Runtime recipe) calibrated on training images, validated beside the float ONNX;
     with ``engine``, a TensorRT-recipe Q/DQ ONNX and its INT8 engine too."""
-    from yoloprune.deploy.quantize import calibration_batches, quantize_onnx
-    from yoloprune.ultra.offline import ultralytics_quiet
+    from yoloprune.convert.quantize import calibration_batches, quantize_onnx
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.ultra.val import train_images, validate
 
     calibration = calibration_batches(train_images(data), imgsz=imgsz, batch=1)
@@ -291,7 +289,7 @@ def _check_engine_export(dynamic: bool) -> None:
 
 def _build_engine(model: nn.Module, path: Path, onnx_path: Path, imgsz: int) -> Path:
     """An FP16 engine for this machine's GPU (TensorRT 10: FP16 flag on the fp32 ONNX; 11: an FP16 ONNX)."""
-    from yoloprune.deploy.onnx import export_onnx
+    from yoloprune.convert.onnx import export_onnx
     from yoloprune.evaluators.latency.base import LatencySpec
     from yoloprune.evaluators.latency.tensorrt_backend import TensorRTBackend, _trt_major
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from yoloprune.config import LatencyTarget
+from yoloprune.config import LatencyTarget, LocalTarget, RemoteTarget
 from yoloprune.errors import LatencyTargetError
 from yoloprune.evaluators.latency import LatencySpec, get_backend, measure_latency
 from yoloprune.storage import Store
@@ -29,7 +29,7 @@ class HardwareEvaluator:
         return LatencySpec(
             imgsz=target.imgsz or self.imgsz, batch=target.batch, device=target.device, precision=target.precision,
             warmup=target.warmup, min_runs=target.min_runs, max_runs=target.max_runs, cv_target=target.cv_target,
-            threads=target.threads, cuda_graph=target.cuda_graph,
+            **({"threads": target.threads, "cuda_graph": target.cuda_graph} if isinstance(target, LocalTarget) else {}),
         )  # fmt: skip
 
     def measure(self, model: nn.Module, *, use_cache: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
@@ -56,10 +56,10 @@ class HardwareEvaluator:
 
 
 def _options(target: LatencyTarget) -> dict[str, Any]:
-    if target.backend != "remote":
+    if not isinstance(target, RemoteTarget):
         return {}
     return {
-        "url": target.url or "",
+        "url": target.url,
         "token": os.environ.get(target.token_env),
         "remote_backend": target.remote_backend,
         "timeout_s": target.timeout_s,

@@ -18,7 +18,7 @@ from yoloprune.config import FinetuneConfig
 from yoloprune.data.check import DatasetInfo
 from yoloprune.errors import EvaluatorError
 from yoloprune.evaluators.hardware import HardwareEvaluator
-from yoloprune.pruning import measure_costs, prune_like
+from yoloprune.pruning import measure_costs, prune_candidate, prune_like
 from yoloprune.spaces import Candidate
 from yoloprune.ultra.train import EpochCallback, finetune
 from yoloprune.ultra.val import ValResult, recalibrate_bn, validate
@@ -98,7 +98,7 @@ class ProxyEvaluator:
         """
         timings = dict.fromkeys(PHASES, 0.0)
         with _timed(timings, "prune"):
-            model: nn.Module = candidate.apply(self.base)
+            model: nn.Module = prune_candidate(self.base, candidate)
             costs = measure_costs(model, self.imgsz)
         cost_metrics = {"params": float(costs.params), "gflops": costs.gflops, "size_mb": costs.size_mb}
         latency: dict[str, Any] = {}
@@ -126,7 +126,7 @@ class ProxyEvaluator:
         already sit on the same cost.
         """
         start = time.perf_counter()
-        model: nn.Module = candidate.apply(self.base)
+        model: nn.Module = prune_candidate(self.base, candidate)
         self._recalibrate_bn(model, {})
         val = validate(model, subset, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
         return val.map50_95, time.perf_counter() - start
@@ -166,9 +166,9 @@ class ProxyEvaluator:
                 with _timed(timings, "prune"):
                     scaled = {s: r * k / rounds for s, r in candidate.ratios.items()}
                     if k == 1:
-                        model = candidate.apply(self.base, scaled)
+                        model = prune_candidate(self.base, candidate, scaled)
                     else:
-                        target = pruned if k == rounds else candidate.apply(self.base, scaled)
+                        target = pruned if k == rounds else prune_candidate(self.base, candidate, scaled)
                         model = prune_like(model, target, importance=candidate.importance)
                 self._recalibrate_bn(model, timings)
             done = len(history)

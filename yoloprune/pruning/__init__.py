@@ -1,11 +1,10 @@
 """Pruning core: named stages, structured per-stage pruning, cost metrics."""
 
 from yoloprune.pruning.costs import Costs, count_flops, count_params, flops_by_module, measure_costs
-from yoloprune.pruning.prune import IMPORTANCES, kept_width, prune, prune_like
+from yoloprune.pruning.prune import kept_width, prune, prune_candidate, prune_like
 from yoloprune.pruning.stages import Stage, find_stages, prunable_stage_names
 
 __all__ = [
-    "IMPORTANCES",
     "Costs",
     "Stage",
     "count_flops",
@@ -16,5 +15,6 @@ __all__ = [
     "measure_costs",
     "prunable_stage_names",
     "prune",
+    "prune_candidate",
     "prune_like",
 ]

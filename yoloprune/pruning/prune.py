@@ -5,27 +5,45 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch_pruning as tp
 from torch import nn
 
-from yoloprune.errors import ModelError, SearchSpaceError, YoloPruneError, did_you_mean
+from yoloprune.errors import InternalError, ModelError, SearchSpaceError
 from yoloprune.log import get_logger
 from yoloprune.pruning.stages import HEAD, Stage, check_ratios, find_stages
+from yoloprune.registry import IMPORTANCES, UnknownNameError
 from yoloprune.ultra.blocks import SplitC2f, attention_layers, fold_c2f_blocks, split_c2f_blocks
 from yoloprune.ultra.models import DetectionModel, check_detector, detect_head, layers
 
+if TYPE_CHECKING:
+    from yoloprune.spaces import Candidate
+
 LOGGER = get_logger(__name__)
 
+
 #: Importance criteria by name: channel-group scores that decide which channels go.
-IMPORTANCES: dict[str, Callable[[], tp.importance.Importance]] = {
-    "l1": lambda: tp.importance.GroupMagnitudeImportance(p=1),
-    "l2": lambda: tp.importance.GroupMagnitudeImportance(p=2),
-    "bn_scale": lambda: tp.importance.BNScaleImportance(),  # network slimming's BN gamma
-    "random": lambda: tp.importance.RandomImportance(),  # a control, not for real use
-}
+def l1_importance() -> tp.importance.Importance:
+    """Group L1 magnitude (``importance: l1``)."""
+    return tp.importance.GroupMagnitudeImportance(p=1)
+
+
+def l2_importance() -> tp.importance.Importance:
+    """Group L2 magnitude (``importance: l2``)."""
+    return tp.importance.GroupMagnitudeImportance(p=2)
+
+
+def bn_scale_importance() -> tp.importance.Importance:
+    """Network slimming's BN gamma (``importance: bn_scale``)."""
+    return tp.importance.BNScaleImportance()
+
+
+def random_importance() -> tp.importance.Importance:
+    """Random channels (``importance: random``): a control, not for real use."""
+    return tp.importance.RandomImportance()
+
 
 _TRACE_SIZE = 64  # small input for graph tracing; any multiple of the max stride works
 
@@ -54,7 +72,7 @@ def prune(
         model: an Ultralytics ``DetectionModel``.
         ratios_by_stage: e.g. ``{"backbone.p3": 0.3, "neck": 0.5}``; stages not named are not pruned.
             See :func:`~yoloprune.pruning.stages.find_stages` for names.
-        importance: one of :data:`IMPORTANCES` (``l1``, ``l2``, ``bn_scale``, ``random``).
+        importance: a name in :data:`yoloprune.registry.IMPORTANCES` (``l1``, ``l2``, ``bn_scale``, ``random``).
         round_to: keep every pruned layer's channel count a multiple of this (8 suits tensor cores).
         inplace: prune ``model`` itself instead of a copy.
         seed: seeds the ``random`` criterion.
@@ -107,6 +125,17 @@ def kept_width(channels: int, ratio: float, round_to: int = 1) -> int:
     return max(round_to, min(channels, kept))
 
 
+def prune_candidate(model: nn.Module, candidate: Candidate, ratios: Mapping[str, float] | None = None) -> nn.Module:
+    """``model`` pruned as a search-space candidate says (``ratios``: other ratios with the candidate's knobs)."""
+    return prune(
+        model,
+        candidate.ratios if ratios is None else ratios,
+        importance=candidate.importance,
+        round_to=candidate.round_to,
+        global_ranking=candidate.global_ranking,
+    )
+
+
 def prune_like(
     model: nn.Module, reference: nn.Module, importance: str = "l1", *, seed: int | None = 0
 ) -> DetectionModel:
@@ -134,16 +163,15 @@ def prune_like(
 
     work = _pruned(copy.deepcopy(model), keep_ratios, importance, seed, prune_head=_head_changed(model, reference))
     if _conv_widths(work) != _conv_widths(reference):
-        raise YoloPruneError("internal error: pruning to the reference's widths left different widths.")
+        raise InternalError("pruning to the reference's widths left different widths.")
     return work
 
 
 def _check_importance(importance: str) -> None:
-    if importance not in IMPORTANCES:
-        raise SearchSpaceError(
-            f"unknown importance '{importance}'.{did_you_mean(importance, IMPORTANCES)} "
-            f"Valid: {', '.join(IMPORTANCES)}."
-        )
+    try:
+        IMPORTANCES.check(importance)
+    except UnknownNameError as e:
+        raise SearchSpaceError(str(e)) from None
 
 
 def _conv_widths(model: nn.Module, *, split: bool = False) -> dict[str, int]:
@@ -193,7 +221,7 @@ def dependency_pruner(
     return tp.pruner.BasePruner(
         split,
         example_inputs=torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=device),
-        importance=IMPORTANCES[importance](),
+        importance=IMPORTANCES.get(importance)(),
         pruning_ratio_dict=ratio_dict,
         ignored_layers=[*ignored_layers(split, prune_head=prune_head), *also_ignored],
         output_transform=_flatten_outputs,
@@ -398,4 +426,4 @@ def _check_forward(model: DetectionModel) -> None:
     try:
         model(torch.zeros(1, 3, _TRACE_SIZE, _TRACE_SIZE, device=next(model.parameters()).device))
     except Exception as e:  # a broken graph would otherwise surface much later, in training
-        raise YoloPruneError(f"internal error: the pruned model does not run ({type(e).__name__}: {e}).") from e
+        raise InternalError(f"the pruned model does not run ({type(e).__name__}: {e}).") from e

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from yoloprune.errors import ModelError
+from yoloprune.errors import InternalError, ModelError
 from yoloprune.log import get_logger
 from yoloprune.pruning.costs import count_params, flops_by_module, measure_costs
 from yoloprune.pruning.prune import dependency_pruner, is_depthwise, prune, ratio_per_conv
@@ -160,7 +160,7 @@ def _trace(model: DetectionModel, imgsz: int, prune_head: bool) -> tuple[Detecti
         p.requires_grad_(True)
     split_c2f_blocks(split)
     if count_params(split) != count_params(model):
-        raise ModelError("internal error: the C2f split changed the parameter count.")
+        raise InternalError("the C2f split changed the parameter count.")
     by_name = flops_by_module(split, imgsz)
     names = {m: n for n, m in split.named_modules()}
     with torch.random.fork_rng(devices=[]):
@@ -213,7 +213,8 @@ def _describe(name: str, module: nn.Module, flops: float) -> _Mod:
         affine = module.weight.numel() if module.weight is not None else 0
         bias = module.bias.numel() if module.bias is not None else 0
         return _Mod(name, "bn", module.num_features, module.num_features, 0.0, affine, bias)
-    assert isinstance(module, nn.Conv2d)
+    if not isinstance(module, nn.Conv2d):
+        raise InternalError(f"the cost model got '{name}', a {type(module).__name__}, not a Conv2d or BatchNorm2d.")
     if module.groups > 1 and not is_depthwise(module):
         raise _Unsupported(f"the cost model does not handle grouped convolutions ('{name}')")
     bias = module.bias.numel() if module.bias is not None else 0

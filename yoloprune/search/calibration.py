@@ -26,9 +26,9 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from yoloprune.config import ExperimentConfig
-from yoloprune.errors import ConfigError
+from yoloprune.config.objectives import Constraint, violations
+from yoloprune.errors import ConfigError, InternalError
 from yoloprune.log import get_logger
-from yoloprune.search.objectives import Constraint, violations
 
 LOGGER = get_logger(__name__)
 
@@ -252,7 +252,8 @@ def judge(
         if not usable or "map50_95_drop" not in metrics:
             out[t.number] = Verdict(bool(t.user_attrs.get("feasible")), None, "proxy")
             continue
-        assert calibration is not None
+        if calibration is None:  # usable says it is not
+            raise InternalError("a usable calibration is None.")
         predicted = predicted_metrics(metrics, calibration, base_map)
         feasible = all(v <= 0 for v in violations(predicted, constraints))
         out[t.number] = Verdict(feasible, predicted["map50_95_drop"], "calibrated")
@@ -333,9 +334,9 @@ def choose(study: optuna.Study, candidates: int) -> list[FrozenTrial]:
 def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs: int) -> dict[int, dict[str, float]]:
     """Fine-tune each trial's candidate ``epochs`` with the long fine-tune's recipe (the export's,
     ``finetune.long``); stored one by one, resumed if stored."""
+    from yoloprune.experiment import prepare, start_session
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.search.optuna_engine import open_study
-    from yoloprune.search.runner import prepare, start_session
-    from yoloprune.ultra.offline import ultralytics_quiet
 
     if epochs <= config.finetune.epochs:
         raise ConfigError(f"--epochs {epochs} must exceed the proxy's {config.finetune.epochs} fine-tune epochs.")
@@ -349,7 +350,7 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
     if todo:
         exp = prepare(config)
         with ultralytics_quiet():
-            session = start_session(exp, study, measure_latency=False, finetune=long)
+            session = start_session(exp, measure_latency=False, finetune=long)
             for t in todo:
                 start = time.perf_counter()
                 candidate = config.space.candidate_of(t.params, t.user_attrs)
@@ -374,9 +375,9 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
 def measure_reference(config: ExperimentConfig, epochs: int, *, long: bool = True) -> dict[str, float]:
     """The unpruned base fine-tuned ``epochs`` (stored; measured once) with the long fine-tune's recipe, or the
     proxy's (``long=False``)."""
+    from yoloprune.experiment import prepare
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.search.optuna_engine import open_study
-    from yoloprune.search.runner import prepare
-    from yoloprune.ultra.offline import ultralytics_quiet
     from yoloprune.ultra.train import finetune
 
     study = open_study(config, create=False)

@@ -20,7 +20,7 @@ import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from yoloprune.config import SAMPLERS
+from yoloprune.config.schema import SAMPLERS
 from yoloprune.errors import ConfigError, did_you_mean
 from yoloprune.pruning.widths import CostModel
 from yoloprune.search.targets import (

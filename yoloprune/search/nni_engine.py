@@ -27,16 +27,25 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from yoloprune.config import ExperimentConfig, config_from_dict
+from yoloprune.config.objectives import violations
 from yoloprune.device import default_device
 from yoloprune.errors import BackendUnavailableError, ConfigError, YoloPruneError
 from yoloprune.log import get_logger
-from yoloprune.search.objectives import violations
-from yoloprune.search.optuna_engine import EpochReporter, make_sampler, open_study, rdb_storage, set_constraints
+from yoloprune.offline import ultralytics_quiet
+from yoloprune.search.optuna_engine import EpochReporter, make_sampler, open_study
 from yoloprune.spaces import RatioRange, SearchSpace
+from yoloprune.storage.optuna_adapter import (
+    fail_trial,
+    load_study,
+    new_trial,
+    record_baseline_latency,
+    record_error,
+    write_record,
+)
+from yoloprune.storage.record import TrialRecord
 
 if TYPE_CHECKING:
     from nni.experiment import Experiment
@@ -97,10 +106,10 @@ def nni_search_space(space: SearchSpace) -> dict[str, dict[str, Any]]:
 
 def final_metrics(trial: optuna.trial.FrozenTrial) -> dict[str, float]:
     """The metric dict an NNI trial reports: ``default`` (the reward), every finite metric, feasibility."""
-    metrics = trial.user_attrs.get("metrics", {})
-    out = {"default": float(trial.user_attrs.get("reward", float("nan")))}
-    out.update({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)})
-    out["feasible"] = 1.0 if trial.user_attrs.get("feasible") else 0.0
+    record = TrialRecord.from_frozen(trial)
+    out = {"default": float(record.reward if record.reward is not None else float("nan"))}
+    out.update({k: float(v) for k, v in (record.metrics or {}).items() if isinstance(v, int | float)})
+    out["feasible"] = 1.0 if record.feasible else 0.0
     out["optuna_trial"] = float(trial.number)
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
@@ -178,13 +187,12 @@ def _set_tuner(exp: Experiment, config: ExperimentConfig, config_file: Path) -> 
 
 def _prepare_baseline(config: ExperimentConfig, verbose: bool) -> None:
     """Create the study and store the baseline once, so trial processes only read it."""
-    from yoloprune.search.runner import prepare, start_session
-    from yoloprune.ultra.offline import ultralytics_quiet
+    from yoloprune.experiment import prepare, start_session
 
     exp = prepare(config)
-    study = open_study(config)
+    open_study(config)
     with ultralytics_quiet(not verbose):
-        start_session(exp, study, measure_latency=False)
+        start_session(exp, measure_latency=False)
 
 
 def resume(config: ExperimentConfig, *, port: int = 8080, exp_id: str | None = None) -> Launched:
@@ -209,17 +217,10 @@ def fail_orphans(config: ExperimentConfig, exp_id: str) -> list[int]:
     orphans = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if (t.user_attrs.get("nni") or {}).get("experiment") == exp_id
+        if (TrialRecord.from_frozen(t).nni or {}).get("experiment") == exp_id
     ]
-    failed = []
-    for t in orphans:
-        try:
-            study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (the NNI experiment was stopped)")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except UpdateFinishedTrialError:
-            continue  # its own process finished it meanwhile
-        failed.append(t.number)
-    return failed
+    # A False: its own process finished it meanwhile.
+    return [t.number for t in orphans if fail_trial(study, t, "interrupted (the NNI experiment was stopped)")]
 
 
 def view(config: ExperimentConfig, *, port: int = 8080, exp_id: str | None = None) -> Launched:
@@ -341,7 +342,7 @@ class OptunaTuner(_tuner_base()):  # type: ignore[misc]
             if any(v is None for v in values):
                 raise KeyError("an objective")
             if self.cfg.constraints:
-                set_constraints(trial, violations(metrics, self.cfg.constraints))
+                write_record(trial, TrialRecord(), violations(metrics, self.cfg.constraints))
         except KeyError as e:  # a metric the trial could not report (NaN): the sampler learns nothing from it
             LOGGER.warning("NNI parameter %d: no %s in its result; told as failed", parameter_id, e)
             self.study.tell(trial, state=TrialState.FAIL)
@@ -365,52 +366,54 @@ def run_trial(config: ExperimentConfig) -> int:
     import nni
 
     from yoloprune.search.methods import get_method
-    from yoloprune.search.runner import _Objective, prepare, start_session
-    from yoloprune.search.targeting import session_targeting
-    from yoloprune.ultra.offline import ultralytics_quiet
 
     params = config.space.snap(dict(nni.get_next_parameter() or {}))
     sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler())
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=config.name, storage=rdb_storage(config.storage_url), sampler=sampler)
-    # A new trial, never one of the study's queued (enqueued) trials, which study.ask() would pop instead.
-    trial = optuna.Trial(study, study._storage.create_new_trial(study._study_id))
-    trial.set_user_attr("engine", "nni")
-    trial.set_user_attr(
-        "nni", {"experiment": os.environ.get("NNI_EXP_ID"), "trial_job": os.environ.get("NNI_TRIAL_JOB_ID")}
+    study = load_study(config, sampler=sampler, heartbeats=False)
+    trial = new_trial(study)  # never one of the study's queued trials
+    record = TrialRecord(
+        engine="nni", nni={"experiment": os.environ.get("NNI_EXP_ID"), "trial_job": os.environ.get("NNI_TRIAL_JOB_ID")}
     )
+    if config.cost_target is not None and not get_method(config.engine.sampler).samples:
+        record.method = "random"  # NNI proposed it: push it onto the target in proportion
+    write_record(trial, record)
     signal.signal(signal.SIGTERM, _interrupt)  # NNI stops trials with SIGTERM
     try:
         with ultralytics_quiet(True):
-            exp = prepare(config)
-            session = start_session(exp, study)
-            if config.cost_target is not None and not get_method(config.engine.sampler).samples:
-                trial.set_user_attr("method", "random")  # NNI proposed it: push it onto the target in proportion
-            objective = _Objective(
-                exp,
-                session.evaluator,
-                session.baseline,
-                EpochReporter(study, None),  # NNI's assessors, not Optuna's pruners, act on NNI trials
-                progress=False,
-                epoch_hook=lambda epoch, m: nni.report_intermediate_result(float(m["map50_95"])),
-                targeting=session_targeting(session) if config.cost_target is not None else None,
-            )
-            values = objective(trial)
+            values = _evaluate(config, study, trial)
     except KeyboardInterrupt:
-        study._storage.set_trial_user_attr(trial._trial_id, "interrupted", True)
-        study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (NNI stopped the trial)")
+        write_record(trial, TrialRecord(interrupted=True, error="interrupted (NNI stopped the trial)"))
         study.tell(trial, state=TrialState.FAIL)
         return 130
     except Exception as e:
-        frozen = study._storage.get_trial(trial._trial_id)
-        if "error" not in frozen.user_attrs:
-            study._storage.set_trial_user_attr(trial._trial_id, "error", f"{type(e).__name__}: {e}"[:2000])
+        record_error(study, trial, f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
         print(f"trial failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 2 if isinstance(e, YoloPruneError) else 1
     study.tell(trial, values)
-    nni.report_final_result(final_metrics(study._storage.get_trial(trial._trial_id)))
+    nni.report_final_result(final_metrics(study.trials[trial.number]))
     return 0
+
+
+def _evaluate(config: ExperimentConfig, study: optuna.Study, trial: optuna.Trial) -> list[float]:
+    """The trial's evaluation, as the Optuna engine runs it, reporting each epoch to NNI's assessors."""
+    import nni
+
+    from yoloprune.experiment import prepare, start_session
+    from yoloprune.search.targeting import session_targeting
+    from yoloprune.search.trial import TrialEvaluation
+
+    session = start_session(prepare(config))
+    record_baseline_latency(study, session.baseline_latency)
+    evaluation = TrialEvaluation(
+        session,
+        EpochReporter(study, None),  # NNI's assessors, not Optuna's pruners, act on NNI trials
+        targeting=session_targeting(session) if config.cost_target is not None else None,
+        progress=False,
+        epoch_hook=lambda epoch, m: nni.report_intermediate_result(float(m["map50_95"])),
+    )
+    return evaluation(trial)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -32,8 +32,8 @@ class Report:
 
 def write_report(config: ExperimentConfig, *, output: Path | None = None, trial: int | None = None) -> Report:
     """Render the experiment's report from storage; ``trial`` picks the per-class AP plot's trial."""
-    from yoloprune.deploy.export import select_trial
     from yoloprune.search.optuna_engine import open_study
+    from yoloprune.search.selection import select_trial
     from yoloprune.storage import Store
 
     study = open_study(config, create=False)

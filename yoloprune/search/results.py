@@ -9,7 +9,7 @@ import optuna
 import pandas as pd
 
 from yoloprune.config import ExperimentConfig
-from yoloprune.search.objectives import pareto_mask
+from yoloprune.config.objectives import pareto_mask
 from yoloprune.tables import format_table
 
 METRIC_COLUMNS = (

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.data.check import DatasetInfo
+from yoloprune.errors import InternalError
 from yoloprune.log import get_logger
 from yoloprune.search.methods import TARGET_PARAM
 from yoloprune.search.targeting import Targeting
@@ -58,7 +59,8 @@ def screen(
 ) -> list[dict[str, Any]]:
     """Score every screening candidate (resuming from the study's stored scores); returns their records."""
     cfg = config.engine.screen
-    assert cfg is not None
+    if cfg is None:
+        raise InternalError("screening without engine.screen in the config.")
     rng = random.Random(cfg.seed)
     proposals = [random_params(config.space, rng) for _ in range(cfg.candidates)]
     values = targeting.values
@@ -102,7 +104,8 @@ def _score(
 def enqueue_best(study: optuna.Study, config: ExperimentConfig, records: list[dict[str, Any]]) -> list[int]:
     """Queue the best ``keep`` screened candidates at each target value (once); returns their indices."""
     cfg = config.engine.screen
-    assert cfg is not None
+    if cfg is None:
+        raise InternalError("screening without engine.screen in the config.")
     queued_before = {t.user_attrs.get("screen_index") for t in study.get_trials(deepcopy=False)}
     several = config.cost_target is not None and len(config.cost_target.values) > 1
     queued = []

@@ -22,7 +22,7 @@ from yoloprune.spaces import Candidate, RatioRange
 if TYPE_CHECKING:
     from yoloprune.data.check import DatasetInfo
     from yoloprune.evaluators.proxy import ProxyEvaluator
-    from yoloprune.search.runner import Experiment
+    from yoloprune.experiment import Experiment
 
 LOGGER = get_logger(__name__)
 
@@ -59,10 +59,10 @@ def scan(
     ``epochs`` of fine-tune per stage (0: BN re-estimation only, seconds per stage). The result is
     stored on the study and returned, most sensitive stage first.
     """
-    from yoloprune.search.objectives import relative_metrics
+    from yoloprune.config.objectives import relative_metrics
+    from yoloprune.experiment import prepare, start_session
+    from yoloprune.offline import ultralytics_quiet
     from yoloprune.search.optuna_engine import open_study
-    from yoloprune.search.runner import prepare, start_session
-    from yoloprune.ultra.offline import ultralytics_quiet
 
     stages = searched_stages(config)
     if not stages:
@@ -74,7 +74,7 @@ def scan(
     importance, round_to = config.space.importances[0], config.space.round_tos[0]
     rows = []
     with ultralytics_quiet():
-        session = start_session(exp, study, finetune=config.finetune.model_copy(update={"epochs": epochs}))
+        session = start_session(exp, finetune=config.finetune.model_copy(update={"epochs": epochs}))
         for name, r in stages.items():
             value = r.high if ratio is None else ratio
             result = session.evaluator.evaluate(Candidate({name: value}, importance, round_to), name=f"scan_{name}")

@@ -1,6 +1,6 @@
 """The targeting every trial of a cost-targeted search goes through: land a method's proposal on the trial's
 target value (:class:`Targeting`), and, before the sampled trials, queue uniform at every value (candidate 0),
-the method's own candidates and the screened ones (:func:`prepare_method`).
+the method's own candidates and the screened ones (:func:`yoloprune.search.runner.prepare_method`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import optuna
 
 from yoloprune.config import ExperimentConfig
-from yoloprune.errors import ConfigError, LatencyTargetError
+from yoloprune.errors import ConfigError, InternalError, LatencyTargetError
 from yoloprune.log import get_logger
+from yoloprune.pruning import prune_candidate
 from yoloprune.pruning.widths import CostModel
 from yoloprune.search.methods import TARGET_PARAM, MethodContext, get_method
 from yoloprune.search.targets import (
@@ -26,7 +27,7 @@ from yoloprune.search.targets import (
 from yoloprune.spaces import Candidate
 
 if TYPE_CHECKING:
-    from yoloprune.search.runner import Session
+    from yoloprune.experiment import Session
 
 LOGGER = get_logger(__name__)
 
@@ -49,7 +50,7 @@ class Targeting:
         measure_latency: Callable[[dict[str, float], int, bool], float] | None = None,
     ) -> None:
         if config.cost_target is None:
-            raise ConfigError("internal error: targeting without a cost_target.")
+            raise InternalError("targeting without a cost_target.")
         self.config = config
         self.target = config.cost_target
         self.space = config.space
@@ -147,7 +148,7 @@ class Targeting:
     def _land_global(self, family: Family, value: float, proposal: Candidate) -> Landing:
         """Bisect the shared ratio of Torch-Pruning's global pruning on real prunings (its widths depend on the
         weights, so the cost model cannot predict them); for latency, then measure and correct as usual."""
-        from yoloprune.pruning import measure_costs
+        from yoloprune.pruning import measure_costs, prune_candidate
 
         cache: dict[float, float] = {}
         metric = self.target.metric
@@ -155,8 +156,8 @@ class Targeting:
         def reduction(s: float) -> float:
             if s not in cache:
                 ratios = {**self.space.fixed(), **family(s)}
-                pruned = Candidate(ratios, proposal.importance, proposal.round_to, global_ranking=True).apply(
-                    self.costs.model
+                pruned = prune_candidate(
+                    self.costs.model, Candidate(ratios, proposal.importance, proposal.round_to, global_ranking=True)
                 )
                 costs = measure_costs(pruned, self.config.imgsz)
                 flops = 1.0 - costs.gflops / self.costs.base_gflops
@@ -191,7 +192,8 @@ class Targeting:
             if measured.on_target:
                 break
             offset = real - (landing.achieved - offset)
-        assert best is not None
+        if best is None:
+            raise InternalError(f"no landing measured (max_measurements {self.target.max_measurements}, must be >= 1).")
         return best
 
     def _land(self, family: Family, value: float, round_to: int) -> Landing:
@@ -202,7 +204,8 @@ class Targeting:
         )
 
     def _measured(self, ratios: dict[str, float], round_to: int, *, global_ranking: bool = False) -> float:
-        assert self._measure is not None and self.latency is not None
+        if self._measure is None or self.latency is None:
+            raise InternalError("a latency landing without a latency measurement or model.")
         full = {**self.space.fixed(), **ratios}
         reduction = self._measure(full, round_to, global_ranking)
         if not global_ranking:  # its widths are not the cost model's: keep it out of the latency model
@@ -249,7 +252,8 @@ def session_targeting(session: Session) -> Targeting:
     """The session's targeting; a latency cost target measures on the session's hardware evaluator."""
     config, exp = session.exp.config, session.exp
     target = config.cost_target
-    assert target is not None
+    if target is None:
+        raise InternalError("session_targeting without a cost_target.")
     name = target.latency_target
     if name is None:
         targeting = Targeting(config, exp.base)
@@ -262,37 +266,10 @@ def session_targeting(session: Session) -> Targeting:
 
     def measure(ratios: dict[str, float], round_to: int, global_ranking: bool = False) -> float:
         candidate = Candidate(ratios, config.space.importances[0], round_to, global_ranking=global_ranking)
-        measured, _ = hardware.measure(candidate.apply(exp.base))
+        measured, _ = hardware.measure(prune_candidate(exp.base, candidate))
         return 1.0 - measured[key] / session.baseline[key]
 
     targeting = Targeting(config, exp.base, measure_latency=measure)
     targeting.calibrate()
     targeting.check()
     return targeting
-
-
-def prepare_method(session: Session, study: optuna.Study, targeting: Targeting, *, progress: bool = True) -> None:
-    """Before the sampled trials: uniform at every target value (candidate 0), then the method's own
-    candidates (``sensitivity``: its curves, then one candidate per value) and the screened ones."""
-    from yoloprune.data.check import held_out_subset
-    from yoloprune.search import screening
-    from yoloprune.search.sensitivity import measure_curves
-
-    config = session.exp.config
-    queued = enqueue_at_targets(study, targeting, "uniform")
-    if queued:
-        LOGGER.info("queued uniform pruning at %s %s (candidate 0)", config.cost_target.metric, queued)  # type: ignore[union-attr]
-    images = config.engine.screen.images if config.engine.screen else 64
-    needs_subset = config.engine.sampler == "sensitivity" or config.engine.screen is not None
-    bn_images = config.finetune.bn_batches * config.finetune.batch
-    folder = config.output_dir / "screen"
-    subset = held_out_subset(session.exp.data, images, folder, skip=bn_images) if needs_subset else None
-    if subset is not None and config.engine.sampler == "sensitivity":
-        targeting.curves = measure_curves(config, session.evaluator, study, subset, progress=progress)
-    if not get_method(config.engine.sampler).samples and config.engine.sampler != "uniform":
-        enqueue_at_targets(study, targeting, config.engine.sampler)  # one candidate per target value
-    if subset is not None and config.engine.screen is not None:
-        records = screening.screen(config, targeting, session.evaluator, study, subset, progress=progress)
-        kept = screening.enqueue_best(study, config, records)
-        if kept:
-            LOGGER.info("screened %d candidates; queued the best %d for the proxy fine-tune", len(records), len(kept))

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from yoloprune.errors import ConfigError
+from yoloprune.errors import ConfigError, InternalError
 from yoloprune.spaces import SearchSpace
 
 #: An allocation of the searched stages as a function of position in [0, 1] (more pruning as it grows).
@@ -154,7 +154,8 @@ class Lander:
         for s in (lo_s, hi_s):
             consider(family(s), cost(family(s)), s)
         if cost(family(hi_s)) < target or cost(family(lo_s)) >= target:
-            assert best is not None
+            if best is None:  # consider() keeps the first landing it is given
+                raise InternalError("landing considered no allocation.")
             return best  # the family cannot cross the target: the closest end
         for _ in range(_BISECTIONS):
             mid = (lo_s + hi_s) / 2
@@ -165,7 +166,8 @@ class Lander:
                 lo_s = mid
             else:
                 hi_s = mid
-        assert best is not None
+        if best is None:
+            raise InternalError("landing considered no allocation.")
         if best.on_target:
             return best
         position = (lo_s + hi_s) / 2
@@ -268,5 +270,6 @@ def land_on_latency(
         if measured.on_target:
             break
         offset = real - predicted  # the model is off by this much around here
-    assert best is not None
+    if best is None:
+        raise InternalError(f"landing on latency measured nothing (max_measurements {max_measurements}, must be >= 1).")
     return best

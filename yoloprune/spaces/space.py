@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from yoloprune.errors import SearchSpaceError, did_you_mean
-from yoloprune.pruning.prune import IMPORTANCES, prune
+from yoloprune.registry import IMPORTANCES
 
 MAX_RATIO = 0.95
 
@@ -83,10 +83,7 @@ class SearchSpace(BaseModel):
     @classmethod
     def _importance(cls, v: list[str] | str) -> list[str] | str:
         for name in [v] if isinstance(v, str) else v:
-            if name not in IMPORTANCES:
-                raise ValueError(
-                    f"unknown importance '{name}'.{did_you_mean(name, IMPORTANCES)} Valid: {', '.join(IMPORTANCES)}"
-                )
+            IMPORTANCES.check(name)
         return v
 
     @field_validator("round_to")
@@ -225,16 +222,6 @@ class Candidate:
         """What a trial records (and :meth:`SearchSpace.candidate_of` reads back)."""
         out: dict[str, Any] = {"ratios": self.ratios, "importance": self.importance, "round_to": self.round_to}
         return {**out, "global_ranking": True} if self.global_ranking else out
-
-    def apply(self, model: Any, ratios: dict[str, float] | None = None) -> Any:
-        """``model`` pruned as this candidate says (``ratios``: other ratios with the same knobs)."""
-        return prune(
-            model,
-            self.ratios if ratios is None else ratios,
-            importance=self.importance,
-            round_to=self.round_to,
-            global_ranking=self.global_ranking,
-        )
 
 
 class _Replay:

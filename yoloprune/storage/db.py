@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import socket
+import sqlite3
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -41,7 +43,6 @@ from sqlalchemy.exc import (
     DBAPIError,
     IntegrityError,
     NoSuchModuleError,
-    OperationalError,
     SQLAlchemyError,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -61,19 +62,39 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-#: Words of the driver errors a retry may cure: a lost, refused or restarting server, a busy SQLite file.
-TRANSIENT_MARKS = (
-    "connection", "could not connect", "server closed", "terminating", "starting up", "shutting down",
-    "database is locked", "timeout", "timed out", "refused",
-)  # fmt: skip
+#: PostgreSQL SQLSTATEs a retry may cure, besides class 08 (connection exception) as a whole: the server shut
+#: down (admin_shutdown, crash_shutdown), is starting up (cannot_connect_now), ended an idle session
+#: (idle_session_timeout) or has no connection slot free (too_many_connections).
+TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300"})
+
+#: SQLite primary result codes a retry may cure: SQLITE_BUSY (another connection writes), SQLITE_LOCKED.
+TRANSIENT_SQLITE_CODES = frozenset({5, 6})
+
+
+def _transient_driver_error(error: BaseException | None) -> bool:
+    """Whether ``error``, a database driver's own exception, is one a retry may cure: by its class and code."""
+    if isinstance(error, sqlite3.OperationalError):
+        code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
+        if code is None:  # Python 3.10: SQLite's fixed wording of SQLITE_BUSY and SQLITE_LOCKED
+            return str(error) in ("database is locked", "database table is locked")
+        return code & 0xFF in TRANSIENT_SQLITE_CODES  # an extended code (SQLITE_BUSY_SNAPSHOT...) holds its primary
+    for module, code_attribute in (("psycopg", "sqlstate"), ("psycopg2", "pgcode")):
+        driver = sys.modules.get(module)  # optional extras: an error of theirs exists only once they are imported
+        if driver is not None and isinstance(error, driver.OperationalError):
+            sqlstate = getattr(error, code_attribute, None)
+            # No SQLSTATE: libpq itself failed (connection refused, lost or timed out), no server answered.
+            return sqlstate is None or sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
+    return False
 
 
 def is_transient(error: BaseException | None) -> bool:
-    """A lost or refused connection, which a retry may cure (not a missing table or a constraint)."""
+    """A lost or refused connection or a busy SQLite file, which a retry may cure (not a missing table or a
+    constraint). Judged by the driver's error class and code (SQLSTATE, SQLite result code), not by its text
+    (but on Python 3.10, whose sqlite3 errors carry no code)."""
     while error is not None:
         if isinstance(error, DBAPIError) and error.connection_invalidated:
             return True
-        if isinstance(error, OperationalError) and any(m in str(error).lower() for m in TRANSIENT_MARKS):
+        if _transient_driver_error(error.orig if isinstance(error, DBAPIError) else error):
             return True
         error = error.__cause__
     return False

@@ -15,8 +15,8 @@ import copy
 import torch
 from torch import nn
 
-from yoloprune.errors import YoloPruneError
-from yoloprune.ultra.offline import configure_offline
+from yoloprune.errors import InternalError
+from yoloprune.offline import configure_offline
 
 configure_offline()
 
@@ -56,8 +56,8 @@ class SplitC2f(nn.Module):
         """Return the original stock block with ``cv1`` rebuilt from the (possibly pruned) halves."""
         a, b = self.cv1a.conv.out_channels, self.cv1b.conv.out_channels
         if a != b:
-            raise YoloPruneError(
-                f"internal error: the two halves of C2f layer {getattr(self, 'i', '?')} were pruned to "
+            raise InternalError(
+                f"the two halves of C2f layer {getattr(self, 'i', '?')} were pruned to "
                 f"{a} and {b} channels; stock C2f needs equal halves."
             )
         block = self._original[0]
@@ -132,7 +132,7 @@ def _set_bn(target: nn.BatchNorm2d, source: nn.BatchNorm2d, index: slice) -> Non
     target.bias = nn.Parameter(source.bias.data[index].clone())
     mean, var = source.running_mean, source.running_var
     if mean is None or var is None:
-        raise YoloPruneError("internal error: a BatchNorm without running statistics cannot be split.")
+        raise InternalError("a BatchNorm without running statistics cannot be split.")
     target.running_mean = mean[index].clone()
     target.running_var = var[index].clone()
     target.num_features = target.weight.shape[0]

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from yoloprune.errors import ModelError
+from yoloprune.errors import InternalError
+from yoloprune.offline import configure_offline
 from yoloprune.ultra.blocks import SplitC2f
-from yoloprune.ultra.offline import configure_offline
 
 configure_offline()
 
@@ -38,7 +38,7 @@ def save_checkpoint(
     yoloprune. ``metadata`` (plain Python types) is kept under :data:`METADATA_KEY`.
     """
     if any(isinstance(m, SplitC2f) for m in model.modules()):
-        raise ModelError("internal error: the model still holds yoloprune's SplitC2f; fold it before saving.")
+        raise InternalError("the model still holds yoloprune's SplitC2f; fold it before saving.")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = copy.deepcopy(model).half().eval()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from yoloprune.errors import ModelError
-from yoloprune.ultra.offline import configure_offline
+from yoloprune.offline import configure_offline
 
 configure_offline()
 

@@ -18,10 +18,9 @@ from typing import Any
 from torch import nn
 
 from yoloprune.data.check import DatasetInfo, inspect_dataset
-from yoloprune.errors import EvaluatorError
+from yoloprune.errors import EvaluatorError, InternalError
 from yoloprune.log import get_logger
-from yoloprune.pruning.costs import count_params
-from yoloprune.ultra.offline import configure_offline
+from yoloprune.offline import configure_offline
 from yoloprune.ultra.val import ValResult, check_classes, validator_result
 
 configure_offline()
@@ -156,7 +155,39 @@ def finetune(
         overrides = {**overrides, "distill_model": str(_teacher_path(teacher, info, project / name)), "dis": distill}
     work = copy.deepcopy(model).float().train()
     params = count_params(work)
-    args = {
+    args = _trainer_args(
+        info, project, name, overrides, epochs=epochs, imgsz=imgsz, batch=batch, device=device, workers=workers
+    )
+    resumed_from = _resumable(project / name / "weights" / "last.pt", epochs) if resume else None
+    if resumed_from is not None:
+        args["resume"] = str(project / name / "weights" / "last.pt")
+        LOGGER.info("resuming the interrupted fine-tune in %s at epoch %d", project / name, resumed_from + 1)
+    trainer = PrunedDetectionTrainer(work, args)
+    history: list[dict[str, float]] = []
+    val_clock = _record_epochs(trainer, history, on_epoch)
+    trained, best, final = _run_trainer(trainer, info, keep_run)
+    if count_params(trained) != params:
+        raise InternalError(
+            f"fine-tuning changed the architecture ({params} -> {count_params(trained)} parameters): the trainer "
+            "rebuilt the model (yoloprune's Ultralytics adapter)."
+        )
+    return FinetuneResult(trained, history, final, val_clock["total"], best if keep_run else None, resumed_from)
+
+
+def _trainer_args(
+    info: DatasetInfo,
+    project: Path,
+    name: str,
+    overrides: dict[str, Any],
+    *,
+    epochs: int,
+    imgsz: int,
+    batch: int,
+    device: str,
+    workers: int,
+) -> dict[str, Any]:
+    """The trainer's arguments: :data:`FINETUNE_DEFAULTS`, this run's settings, then ``overrides``."""
+    return {
         **FINETUNE_DEFAULTS,
         "model": "yoloprune_pruned",  # a label only: the trainer gets the module, never loads this
         "data": str(info.write_resolved(project / name)),
@@ -173,12 +204,12 @@ def finetune(
         "nbs": batch,
         **overrides,
     }
-    resumed_from = _resumable(project / name / "weights" / "last.pt", epochs) if resume else None
-    if resumed_from is not None:
-        args["resume"] = str(project / name / "weights" / "last.pt")
-        LOGGER.info("resuming the interrupted fine-tune in %s at epoch %d", project / name, resumed_from + 1)
-    trainer = PrunedDetectionTrainer(work, args)
-    history: list[dict[str, float]] = []
+
+
+def _record_epochs(
+    trainer: PrunedDetectionTrainer, history: list[dict[str, float]], on_epoch: EpochCallback | None
+) -> dict[str, float]:
+    """Append each epoch's mAP to ``history`` (then call ``on_epoch``) and time the validations; returns the clock."""
 
     def _epoch_end(tr: DetectionTrainer) -> None:
         if tr.epoch >= tr.epochs:  # final_eval re-runs this callback with epoch + 1
@@ -203,6 +234,13 @@ def finetune(
     trainer.add_callback("on_fit_epoch_end", _epoch_end)
     trainer.add_callback("on_val_start", _val_start)  # the trainer's validator copies these callbacks
     trainer.add_callback("on_val_end", _val_end)
+    return val_clock
+
+
+def _run_trainer(
+    trainer: PrunedDetectionTrainer, info: DatasetInfo, keep_run: bool
+) -> tuple[nn.Module, Path, ValResult | None]:
+    """Run the trainer; returns its best (else last) weights in float32, their path and its final validation."""
     run_dir = Path(trainer.save_dir)
     try:
         trainer.train()
@@ -210,15 +248,9 @@ def finetune(
         trained, _ = load_checkpoint(str(best))
         final = validator_result(trainer.validator, info) if trainer.validator is not None else None
     finally:
-        if not keep_run:
+        if not keep_run:  # the run folder goes even when training fails
             shutil.rmtree(run_dir, ignore_errors=True)
-    trained = trained.float()
-    if count_params(trained) != params:
-        raise EvaluatorError(
-            f"fine-tuning changed the architecture ({params} -> {count_params(trained)} parameters): the trainer "
-            "rebuilt the model. This is a bug in yoloprune's Ultralytics adapter; please report it."
-        )
-    return FinetuneResult(trained, history, final, val_clock["total"], best if keep_run else None, resumed_from)
+    return trained.float(), best, final
 
 
 def _teacher_path(teacher: nn.Module | str | Path, info: DatasetInfo, run: Path) -> Path:
@@ -248,3 +280,8 @@ def _resumable(last: Path, epochs: int) -> int | None:
     if ckpt.get("optimizer") is None or planned != epochs or not 0 < start < epochs:
         return None  # finished (optimizer stripped), or a run of another length
     return start
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model`` (to check that training kept the pruned architecture)."""
+    return sum(p.numel() for p in model.parameters())

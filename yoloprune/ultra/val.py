@@ -16,8 +16,8 @@ from torch import nn
 
 from yoloprune.data.check import DatasetInfo, inspect_dataset, split_images
 from yoloprune.errors import DatasetError, EvaluatorError
+from yoloprune.offline import configure_offline
 from yoloprune.ultra.models import detect_head
-from yoloprune.ultra.offline import configure_offline
 
 configure_offline()
 

@@ -1,7 +1,7 @@
 """ONNX Runtime: the CPU execution provider, and CUDA / TensorRT providers where onnxruntime-gpu has them.
 
 ``precision: int8`` times a Q/DQ copy of the model quantized with the ``onnxruntime`` recipe of
-:mod:`yoloprune.deploy.quantize` (a file that already holds Q/DQ nodes is timed as it is).
+:mod:`yoloprune.convert.quantize` (a file that already holds Q/DQ nodes is timed as it is).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class OnnxRuntimeBackend(LatencyBackend):
         return importable("onnxruntime")
 
     def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
-        from yoloprune.deploy.onnx import export_onnx
+        from yoloprune.convert.onnx import export_onnx
 
         half = spec.precision == "fp16" and spec.device.startswith("cuda")
         path = export_onnx(
@@ -46,7 +46,7 @@ class OnnxRuntimeBackend(LatencyBackend):
         """Time an ONNX file (also what the remote agent runs)."""
         import onnxruntime as ort
 
-        from yoloprune.deploy.quantize import ensure_int8
+        from yoloprune.convert.quantize import ensure_int8
 
         if spec.precision == "int8":
             path = ensure_int8(path, recipe="onnxruntime")

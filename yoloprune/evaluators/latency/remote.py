@@ -41,13 +41,13 @@ class RemoteBackend(LatencyBackend):
         return f"{self.url}|{self.remote_backend}"
 
     def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
-        from yoloprune.deploy.onnx import export_onnx
+        from yoloprune.convert.onnx import export_onnx
 
         if not self.url:
             raise EvaluatorError("the remote latency backend needs the agent's url.")
         path = export_onnx(model, Path(workdir) / "remote.onnx", imgsz=spec.imgsz, batch=spec.batch)
         if spec.precision == "int8":  # quantized here, with the device runtime's recipe: the agent only times
-            from yoloprune.deploy.quantize import ensure_int8
+            from yoloprune.convert.quantize import ensure_int8
 
             path = ensure_int8(path, recipe="tensorrt" if self.remote_backend == "tensorrt" else "onnxruntime")
         return self.measure_file(path, spec)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from yoloprune.evaluators.latency.base import LatencySpec
+if TYPE_CHECKING:
+    from yoloprune.evaluators.latency.base import LatencySpec
 
 
 def time_until_stable(run_once: Callable[[], float], spec: LatencySpec) -> list[float]:

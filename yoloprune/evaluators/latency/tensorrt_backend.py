@@ -5,7 +5,7 @@ Written against the TensorRT 10 and 11 Python API documentation; NOT verified in
 workplace, where no TensorRT package can be installed (README). TensorRT 10 builds FP16 with
 ``BuilderFlag.FP16`` (weak typing); TensorRT 11 removed the precision flags and builds strongly typed
 networks, so FP16 there needs an FP16 ONNX. INT8 on both is explicit quantization: a Q/DQ ONNX (the
-``tensorrt`` recipe of :mod:`yoloprune.deploy.quantize`: symmetric, zero points 0) parsed into a strongly
+``tensorrt`` recipe of :mod:`yoloprune.convert.quantize`: symmetric, zero points 0) parsed into a strongly
 typed network with no precision flags, as TensorRT's documentation recommends; the deprecated calibrator API
 is not used. Layers left unquantized (the box decoding) run in the ONNX's float type, fp32.
 """
@@ -45,7 +45,7 @@ class TensorRTBackend(LatencyBackend):
         return bool(torch.cuda.is_available())
 
     def measure(self, model: nn.Module, spec: LatencySpec, workdir: Path) -> LatencyResult:
-        from yoloprune.deploy.onnx import export_onnx
+        from yoloprune.convert.onnx import export_onnx
 
         half = spec.precision == "fp16" and _trt_major() >= 11  # strongly typed: the ONNX carries the dtype
         path = export_onnx(
@@ -62,13 +62,13 @@ class TensorRTBackend(LatencyBackend):
         """Serialized engine (plan) for the ONNX file at ``path``."""
         import tensorrt as trt
 
-        from yoloprune.deploy.quantize import is_quantized
+        from yoloprune.convert.quantize import is_quantized
 
         int8 = spec.precision == "int8"
         if int8 and not is_quantized(path):
             raise EvaluatorError(
                 f"TensorRT INT8 builds from a Q/DQ ONNX and '{path}' has no Q/DQ nodes; quantize it first "
-                "(yoloprune.deploy.quantize.quantize_onnx with recipe='tensorrt', or `yoloprune export --int8`)."
+                "(yoloprune.convert.quantize.quantize_onnx with recipe='tensorrt', or `yoloprune export --int8`)."
             )
         logger = trt.Logger(trt.Logger.WARNING)
         builder = trt.Builder(logger)
@@ -99,7 +99,7 @@ class TensorRTBackend(LatencyBackend):
         import tensorrt as trt
         import torch
 
-        from yoloprune.deploy.quantize import ensure_int8
+        from yoloprune.convert.quantize import ensure_int8
 
         if spec.precision == "int8":
             path = ensure_int8(path, recipe="tensorrt")

@@ -1,19 +1,18 @@
-"""The experiment config: one typed, frozen, validated object loaded from YAML at the edge.
+"""The experiment config's schema: every section, typed, frozen and validated (pydantic).
 
-Relative paths inside a config file are resolved against the file's own folder. Unknown keys are errors.
-See ``experiments/*.yaml`` and the README's config reference.
+Objectives, constraints and the reward are in :mod:`.objectives`; reading a YAML file is :mod:`.loading`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator, model_validator
 
-from yoloprune.errors import ConfigError, did_you_mean
-from yoloprune.search.objectives import Constraint, Objective, RewardConfig, latency_target_of
+from yoloprune.config.objectives import Constraint, Objective, RewardConfig, latency_target_of
+from yoloprune.errors import did_you_mean
+from yoloprune.registry import LATENCY_BACKENDS
 from yoloprune.spaces.space import SearchSpace
 
 BUILTIN_PREFIX = "builtin:"
@@ -232,73 +231,100 @@ class BudgetConfig(_Section):
         return self
 
 
-class LatencyTarget(_Section):
-    """A device and runtime whose measured latency the search can optimise or constrain.
+class _Target(_Section):
+    """What every latency target has: its name, the input, the timing discipline and what a failure does.
 
     Attributes:
         name: used in metric names: ``latency_ms.<name>``, ``latency_ratio.<name>``...
-        backend: a registered latency backend: ``onnxruntime`` or ``torch``.
-        device: ``cpu`` or ``cuda`` / ``cuda:N``.
+        device: ``cpu`` or ``cuda`` / ``cuda:N`` (for a remote target: the device's own).
         precision: ``fp32``, ``fp16`` (on CUDA) or ``int8`` (``onnxruntime``, ``tensorrt`` and ``remote``: a
-            Q/DQ ONNX quantized with the runtime's recipe, see :mod:`yoloprune.deploy.quantize`).
+            Q/DQ ONNX quantized with the runtime's recipe, see :mod:`yoloprune.convert.quantize`).
         batch: batch size.
         imgsz: input size (default: the experiment's).
-        threads: CPU intra-op threads (default: the runtime's).
-        cuda_graph: replay a captured CUDA graph (torch on CUDA).
         warmup, min_runs, max_runs, cv_target: the timing discipline (repeat until the coefficient of
             variation is below ``cv_target``, within the run bounds).
-        url: for ``backend: remote``, the ``yoloprune agent`` on the device (``http://host:8765``).
-        remote_backend: the runtime the agent uses: ``onnxruntime`` or ``tensorrt``.
-        token_env: the environment variable holding the agent's token (read once at start-up).
-        timeout_s: how long one remote measurement may take (upload, engine build, timing).
         on_error: when a measurement fails (agent unreachable, runtime error): ``fail_trial`` records the
             trial as failed and the search goes on; ``stop`` also stops the search.
     """
 
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
-    backend: str = "onnxruntime"
     device: str = "cpu"
     precision: Literal["fp32", "fp16", "int8"] = "fp32"
     batch: int = Field(1, ge=1)
     imgsz: int | None = Field(None, ge=32)
-    threads: int | None = Field(None, ge=1)
-    cuda_graph: bool = True
     warmup: int = Field(10, ge=0)
     min_runs: int = Field(20, ge=2)
     max_runs: int = Field(300, ge=2)
     cv_target: float = Field(0.05, gt=0)
-    url: str | None = None
-    remote_backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
-    token_env: str = "YOLOPRUNE_AGENT_TOKEN"
-    timeout_s: float = Field(900.0, gt=0)
     on_error: Literal["fail_trial", "stop"] = "fail_trial"
 
+
+class LocalTarget(_Target):
+    """A runtime on this machine whose measured latency the search can optimise or constrain.
+
+    Attributes:
+        backend: a registered latency backend (:data:`yoloprune.registry.LATENCY_BACKENDS`): ``onnxruntime``,
+            ``torch`` or ``tensorrt``.
+        threads: CPU intra-op threads (default: the runtime's).
+        cuda_graph: replay a captured CUDA graph (torch on CUDA).
+    """
+
+    backend: str = "onnxruntime"
+    threads: int | None = Field(None, ge=1)
+    cuda_graph: bool = True
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, v: str) -> str:
+        if v == "remote":
+            raise ValueError("backend 'remote' measures on a device's `yoloprune agent`: give its url")
+        return LATENCY_BACKENDS.check(v)
+
     @model_validator(mode="after")
-    def _remote_needs_url(self) -> LatencyTarget:
-        if self.backend == "remote" and not self.url:
-            raise ValueError(f"latency target '{self.name}' uses the remote backend: give its agent's url")
+    def _precision_runs_here(self) -> LocalTarget:
         if self.precision == "int8" and self.backend == "torch":
             raise ValueError(
                 f"latency target '{self.name}': the torch backend has no int8; time INT8 with backend onnxruntime "
                 "(CPU) or tensorrt (GPU)"
             )
-        on_cpu = self.backend not in ("remote", "tensorrt") and not self.device.startswith("cuda")
-        if self.precision == "fp16" and on_cpu:
+        if self.precision == "fp16" and self.backend != "tensorrt" and not self.device.startswith("cuda"):
             raise ValueError(
                 f"latency target '{self.name}': fp16 is timed on CUDA only; set device: cuda, or precision fp32/int8"
             )
         return self
 
-    @field_validator("backend")
-    @classmethod
-    def _known_backend(cls, v: str) -> str:
-        from yoloprune.evaluators.latency import backend_names
 
-        if v not in backend_names():
-            raise ValueError(
-                f"unknown latency backend '{v}'.{did_you_mean(v, backend_names())} Known: {', '.join(backend_names())}"
-            )
-        return v
+class RemoteTarget(_Target):
+    """A ``yoloprune agent`` on the target device, measuring there (``backend: remote``).
+
+    Attributes:
+        url: the agent (``http://host:8765``).
+        remote_backend: the runtime the agent uses: ``onnxruntime`` or ``tensorrt``.
+        token_env: the environment variable holding the agent's token (read once at start-up).
+        timeout_s: how long one remote measurement may take (upload, engine build, timing).
+    """
+
+    backend: Literal["remote"] = "remote"
+    url: str = Field(min_length=1)
+    remote_backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
+    token_env: str = "YOLOPRUNE_AGENT_TOKEN"
+    timeout_s: float = Field(900.0, gt=0)
+
+
+def _target_kind(value: Any) -> str:
+    backend = value.get("backend") if isinstance(value, dict) else getattr(value, "backend", None)
+    return "remote" if backend == "remote" else "local"
+
+
+#: A latency target: measured on this machine, or on a device through its agent (tagged by ``backend``).
+LatencyTarget = Annotated[
+    Annotated[LocalTarget, Tag("local")] | Annotated[RemoteTarget, Tag("remote")], Discriminator(_target_kind)
+]
+
+
+def latency_target(**fields: Any) -> LocalTarget | RemoteTarget:
+    """A latency target from its fields (``backend: remote`` gives a :class:`RemoteTarget`)."""
+    return TypeAdapter(LatencyTarget).validate_python(fields)
 
 
 def _default_objectives() -> list[Objective]:
@@ -411,97 +437,3 @@ class ExperimentConfig(_Section):
     @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{self.output_dir / 'study.db'}"
-
-
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> ExperimentConfig:
-    """Read, resolve and validate an experiment YAML; every problem is a :class:`ConfigError`.
-
-    ``overrides`` are merged on top of the file's top-level sections (used by the CLI and the demo).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"experiment config '{path}' does not exist.")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections.")
-    for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(raw.get(key), dict):
-            raw[key] = {**raw[key], **value}
-        else:
-            raw[key] = value
-    return config_from_dict(_resolve_paths(raw, path.resolve().parent), source=str(path))
-
-
-def config_from_dict(raw: dict[str, Any], source: str = "config") -> ExperimentConfig:
-    """Validate a config mapping (paths already resolved)."""
-    try:
-        return ExperimentConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(f"{source}: invalid experiment config:\n" + _explain(e)) from None
-
-
-def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
-    out = dict(raw)
-
-    def resolve(value: Any) -> Any:
-        if not isinstance(value, str) or value.startswith(BUILTIN_PREFIX) or "://" in value:
-            return value
-        p = Path(value).expanduser()
-        if p.is_absolute():
-            return str(p)
-        # A bare Ultralytics YAML name (yolov8n.yaml) is looked up in its package, not beside the config.
-        return str(base / p) if (base / p).exists() or "/" in value or value.endswith(".pt") else value
-
-    if isinstance(out.get("model"), dict):
-        out["model"] = {k: resolve(v) for k, v in out["model"].items()}
-    elif "model" in out:
-        out["model"] = resolve(out["model"])
-    for key in ("data", "output"):
-        if key in out:
-            out[key] = (
-                str(base / out[key]) if key == "output" and not Path(str(out[key])).is_absolute() else resolve(out[key])
-            )
-    storage = out.get("storage")
-    if isinstance(storage, str) and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
-        rel = storage.removeprefix("sqlite:///")
-        if rel and rel != ":memory:":
-            out["storage"] = f"sqlite:///{base / rel}"
-    return out
-
-
-def _explain(error: ValidationError) -> str:
-    lines = []
-    for err in error.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            parent, key = err["loc"][:-1], str(err["loc"][-1])
-            allowed = _fields_at(parent)
-            hint = did_you_mean(key, allowed)
-            lines.append(f"  - unknown key '{loc}'.{hint} Allowed here: {', '.join(allowed)}.")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            got = err.get("input")
-            shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-            lines.append(f"  - {loc or '(top level)'}: {msg}{shown}")
-    return "\n".join(lines)
-
-
-def _fields_at(loc: tuple[Any, ...]) -> list[str]:
-    model: Any = ExperimentConfig
-    for part in loc:
-        field = getattr(model, "model_fields", {}).get(part)
-        if field is None:
-            break
-        annotation = field.annotation
-        candidates = [
-            a
-            for a in getattr(annotation, "__args__", (annotation,))
-            if isinstance(a, type) and issubclass(a, BaseModel)
-        ]
-        if not candidates:
-            break
-        model = candidates[0]
-    return list(getattr(model, "model_fields", {}))

@@ -47,7 +47,7 @@ def quantize_onnx(
     """Write an INT8 Q/DQ copy of the float ONNX ``src`` to ``dst``.
 
     Args:
-        src: a float ONNX detector (as :func:`yoloprune.deploy.onnx.export_onnx` writes it).
+        src: a float ONNX detector (as :func:`yoloprune.convert.onnx.export_onnx` writes it).
         dst: where the quantized file goes.
         recipe: ``onnxruntime`` or ``tensorrt`` (the module docstring says how they differ).
         calibration: input batches of the ONNX's input shape (NCHW float32 in [0, 1]); None: 4 random

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from yoloprune.errors import EvaluatorError
+from yoloprune.offline import configure_offline, ultralytics_quiet
 from yoloprune.ultra.checkpoint import save_checkpoint
-from yoloprune.ultra.offline import configure_offline, ultralytics_quiet
 
 configure_offline()
 

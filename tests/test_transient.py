@@ -1,0 +1,133 @@
+"""Which database errors are retried: the driver's error class and code decide (SQLSTATE, SQLite result code),
+not the words of its message. Real driver exceptions, wrapped by SQLAlchemy as it does itself."""
+
+from __future__ import annotations
+
+import sqlite3
+import sys
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from yoloprune.errors import StorageError
+from yoloprune.storage import db
+from yoloprune.storage.db import is_transient, retry_transient
+
+
+def _wrapped(orig: BaseException, base: type[Exception], *, invalidated: bool = False) -> BaseException:
+    """``orig`` as SQLAlchemy raises it: the DBAPIError subclass named like the driver's class, caused by it."""
+    wrapped = DBAPIError.instance("SELECT 1", {}, orig, base, connection_invalidated=invalidated)
+    wrapped.__cause__ = orig
+    return wrapped
+
+
+@pytest.mark.parametrize(
+    ("name", "sqlstate"),
+    [
+        ("AdminShutdown", "57P01"),  # the server is shutting down (a restart)
+        ("CrashShutdown", "57P02"),
+        ("CannotConnectNow", "57P03"),  # the server is starting up
+        ("IdleSessionTimeout", "57P05"),
+        ("ConnectionFailure", "08006"),  # class 08, connection exception
+        ("SqlclientUnableToEstablishSqlconnection", "08001"),
+        ("TooManyConnections", "53300"),
+    ],
+)
+def test_postgresql_connection_and_shutdown_errors_are_transient(name, sqlstate):
+    psycopg = pytest.importorskip("psycopg")
+    orig = getattr(psycopg.errors, name)("no words of the message matter")
+    assert orig.sqlstate == sqlstate and isinstance(orig, psycopg.OperationalError)
+    error = _wrapped(orig, psycopg.Error)
+    assert isinstance(error, OperationalError) and is_transient(error)
+    chained = StorageError("storage error")
+    chained.__cause__ = error  # as Store.session raises it
+    assert is_transient(chained)
+
+
+def test_libpq_failures_without_a_sqlstate_are_transient():
+    """Connection refused, lost or timed out: libpq fails before any server answers, so there is no SQLSTATE."""
+    psycopg = pytest.importorskip("psycopg")
+    for orig in (psycopg.OperationalError("connection failed"), psycopg.errors.ConnectionTimeout("expired")):
+        assert orig.sqlstate is None and is_transient(_wrapped(orig, psycopg.Error))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["UndefinedTable", "UniqueViolation", "DatabaseDropped", "QueryCanceled", "DiskFull", "SyntaxError"],
+)
+def test_other_postgresql_errors_are_not_transient_whatever_their_message(name):
+    psycopg = pytest.importorskip("psycopg")
+    orig = getattr(psycopg.errors, name)("server closed the connection: connection refused, timed out")
+    assert not is_transient(_wrapped(orig, psycopg.Error))
+    assert is_transient(_wrapped(orig, psycopg.Error, invalidated=True))  # SQLAlchemy saw the connection die
+
+
+def test_a_real_sqlite_lock_is_transient_and_a_missing_table_is_not(tmp_path):
+    path = tmp_path / "db.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})  # no busy wait: fail at once
+    try:
+        with pytest.raises(OperationalError) as missing, engine.connect() as conn:
+            conn.execute(text("SELECT * FROM no_such_table"))
+        assert not is_transient(missing.value)
+        holder.execute("BEGIN EXCLUSIVE")  # another process writes
+        with pytest.raises(OperationalError) as locked, engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+        assert isinstance(locked.value.orig, sqlite3.OperationalError) and is_transient(locked.value)
+        if sys.version_info >= (3, 11):
+            assert locked.value.orig.sqlite_errorcode == sqlite3.SQLITE_BUSY
+            assert missing.value.orig.sqlite_errorcode == sqlite3.SQLITE_ERROR
+    finally:
+        holder.close()
+        engine.dispose()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3 errors carry their result code from Python 3.11")
+def test_sqlite_errors_are_judged_by_result_code_not_message():
+    def error(message: str, code: int) -> sqlite3.OperationalError:
+        e = sqlite3.OperationalError(message)
+        e.sqlite_errorcode = code
+        return e
+
+    assert is_transient(_wrapped(error("anything", sqlite3.SQLITE_LOCKED), sqlite3.Error))
+    assert is_transient(_wrapped(error("anything", 517), sqlite3.Error))  # SQLITE_BUSY_SNAPSHOT: extended BUSY
+    assert not is_transient(_wrapped(error("database is locked; timed out", sqlite3.SQLITE_IOERR), sqlite3.Error))
+    assert not is_transient(_wrapped(error("connection refused", sqlite3.SQLITE_CANTOPEN), sqlite3.Error))
+
+
+def test_errors_of_no_database_driver_are_not_transient():
+    assert not is_transient(None)
+    assert not is_transient(ValueError("connection refused"))
+    assert not is_transient(TimeoutError("timed out"))
+    assert not is_transient(StorageError("storage error: the database is locked"))  # no driver error behind it
+
+
+def test_retry_transient_retries_a_lock_and_raises_a_missing_table_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(db, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    path = tmp_path / "db.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    calls = []
+
+    @retry_transient
+    def insert(sql: str) -> int:
+        calls.append(sql)
+        if len(calls) == 3:
+            holder.execute("COMMIT")  # the other writer finishes
+        with engine.begin() as conn:
+            conn.execute(text(sql))
+        return len(calls)
+
+    try:
+        assert insert("INSERT INTO t VALUES (1)") == 3  # two locked attempts, then the write goes through
+        calls.clear()
+        with pytest.raises(OperationalError, match="no such table"):
+            insert("INSERT INTO no_such_table VALUES (1)")
+        assert len(calls) == 1
+    finally:
+        holder.close()
+        engine.dispose()
