@@ -128,7 +128,7 @@ def recipe_table(imgsz: int, workdir: Path) -> pd.DataFrame:
     for recipe in ("onnxruntime", "tensorrt"):
         name = f"shipped {recipe} recipe"
         start = time.perf_counter()
-        files[name] = quantize_onnx(src, workdir / f"{recipe}.onnx", recipe=recipe)  # type: ignore[arg-type]
+        files[name] = quantize_onnx(src, workdir / f"{recipe}.onnx", recipe=recipe)
         seconds[name] = time.perf_counter() - start
     runner = get_backend("onnxruntime")
     spec = LatencySpec(imgsz=imgsz, precision="int8")

@@ -32,6 +32,8 @@ from yoloprune.offline import ultralytics_quiet
 from yoloprune.search.optuna_engine import open_study
 from yoloprune.search.results import trials_frame
 from yoloprune.search.runner import run_search
+from yoloprune.search.screening import FIDELITY_ATTR
+from yoloprune.storage.record import TrialRecord
 from yoloprune.tables import format_table
 
 STAGES = ("backbone.p2", "backbone.p3", "backbone.p4", "backbone.p5", "neck")
@@ -100,7 +102,7 @@ def main() -> None:
                 "best is": best["method"], "uniform mAP50-95": float(uni), "gain": float(best["map50_95"]) - float(uni),
                 "FLOPs -% (best)": 100 * float(best["achieved"]), "minutes": round(minutes, 1),
             })  # fmt: skip
-        for record in study.user_attrs.get("screen_fidelity", []):
+        for record in study.user_attrs.get(FIDELITY_ATTR, []):
             screened.append({"method": label, **record})
     print(f"proxy: BN re-estimation + {args.proxy_epochs}-epoch fine-tune (SGD lr0 {args.lr0}); base {model}")
     print(format_table(pd.DataFrame(rows).round(4)))
@@ -118,7 +120,7 @@ def _long(best_of: dict[str, tuple[Any, int]], epochs: int) -> None:
     for label, (config, number) in best_of.items():
         study = open_study(config, create=False)
         trial = study.get_trials(deepcopy=False)[number]
-        candidate = config.space.candidate_of(trial.params, trial.user_attrs)
+        candidate = config.space.candidate_of(trial.params, TrialRecord.from_frozen(trial))
         if candidate.key() in done:
             rows.append({"best of": label, "trial": number, f"mAP50-95 after {epochs} epochs": done[candidate.key()]})
             continue

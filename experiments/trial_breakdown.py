@@ -15,6 +15,7 @@ import pandas as pd
 from optuna.trial import TrialState
 
 from yoloprune.config import load_config
+from yoloprune.storage.record import TrialRecord
 
 PHASES = ["prune", "bn", "finetune", "validation", "latency", "other"]
 
@@ -27,12 +28,13 @@ def main() -> None:
     study = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
     rows = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        timings = t.user_attrs.get("timings", {})
+        rec = TrialRecord.from_frozen(t)
+        timings = rec.timings or {}
         if "total" in timings and "other" in timings:
             rows.append(
                 {
                     "trial": t.number,
-                    "finetuned": t.user_attrs.get("finetuned"),
+                    "finetuned": rec.finetuned,
                     **{p: timings.get(p, 0.0) for p in PHASES},
                     "total": timings["total"],
                 }

@@ -77,3 +77,60 @@ def test_torch_pruning_api():
         assert name in params, f"BasePruner lost {name}"
     for name in ("GroupMagnitudeImportance", "BNScaleImportance", "RandomImportance"):
         assert hasattr(tp.importance, name)
+
+
+# --- Optuna (yoloprune/storage/optuna_adapter.py) -------------------------------------------------------
+
+
+def test_optuna_internals_the_adapter_uses():
+    import optuna
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
+
+    assert callable(_create_scoped_session), "optuna.storages._rdb.storage._create_scoped_session is gone"
+    assert hasattr(RDBStorage, "_set_trial_attr_without_commit"), "RDBStorage._set_trial_attr_without_commit is gone"
+    assert hasattr(models, "TrialUserAttributeModel") and hasattr(models, "TrialSystemAttributeModel")
+    assert isinstance(_CONSTRAINTS_KEY, str)
+    study = optuna.create_study(storage="sqlite:///:memory:")
+    assert hasattr(study, "_storage") and hasattr(study, "_study_id")
+    assert hasattr(study._storage, "_backend"), "Optuna no longer wraps RDB storages in _CachedStorage"
+    trial = study.ask()
+    assert isinstance(trial._trial_id, int)
+
+
+def test_every_retried_storage_call_exists_on_rdb_storage():
+    from optuna.storages import RDBStorage
+
+    from yoloprune.storage.optuna_adapter import RetryingRDBStorage
+
+    retried = [n for n, v in vars(RetryingRDBStorage).items() if callable(v) and n not in ("set_trial_attrs", "note_on_finished_trial")]
+    assert len(retried) >= 21
+    for name in retried:
+        assert callable(getattr(RDBStorage, name, None)), f"RDBStorage.{name} is gone"
+    # Every public storage method Optuna's study and trials call is retried (a new one must be added).
+    public = {n for n, v in vars(RDBStorage).items() if callable(v) and not n.startswith("_")}
+    public -= {"upgrade", "get_current_version", "get_head_version", "get_all_versions", "remove_session",
+               "get_heartbeat_interval", "get_heartbeat_stale_trial_callback", "check_trial_is_updatable",
+               "delete_study", "get_n_trials", "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs",
+               "get_trial_number_from_id", "get_trial_param"} | set(retried)  # fmt: skip
+    assert public == set(), f"RDBStorage methods not retried by RetryingRDBStorage: {sorted(public)}"
+
+
+def test_batched_constraints_match_what_set_constraint_writes(tmp_path):
+    import optuna
+
+    from yoloprune.storage.optuna_adapter import rdb_storage, write_record
+    from yoloprune.storage.record import TrialRecord
+
+    reference = optuna.create_study()
+    trial = reference.ask()
+    trial.set_constraint("c0", -0.5)
+    trial.set_constraint("c1", 0.25)
+    study = optuna.create_study(storage=rdb_storage(f"sqlite:///{tmp_path / 's.db'}"))
+    batched = study.ask()
+    write_record(batched, TrialRecord(reward=1.0), [-0.5, 0.25])
+    stored = study._storage.get_trial(batched._trial_id)
+    assert stored.system_attrs == reference._storage.get_trial(trial._trial_id).system_attrs
+    assert stored.user_attrs == {"reward": 1.0, "constraints": [-0.5, 0.25]}

@@ -42,10 +42,10 @@ def test_example_configs_validate():
 
 
 def test_method_example_configs_validate():
-    from yoloprune.search.methods import method_names
+    from yoloprune.registry import SEARCH_METHODS
 
     configs = {p.stem: load_config(p) for p in sorted((EXPERIMENTS / "methods").glob("*.yaml"))}
-    assert set(configs) == set(method_names())  # one example per registered method
+    assert set(configs) == set(SEARCH_METHODS.names())  # one example per registered method
     for name, cfg in configs.items():
         assert cfg.engine.sampler == name and cfg.cost_target is not None
         assert cfg.cost_target.values == ([0.5] if name == "cmaes" else [0.3, 0.5])

@@ -9,12 +9,12 @@ from yoloprune.errors import BackendUnavailableError, ConfigError
 from yoloprune.evaluators.latency import (
     LatencySpec,
     architecture_signature,
-    backend_names,
     get_backend,
     measure_latency,
 )
 from yoloprune.evaluators.latency.stats import summarize, trimmed_cv
 from yoloprune.pruning import prune
+from yoloprune.registry import LATENCY_BACKENDS
 from yoloprune.storage import Store
 from yoloprune.ultra.models import load_detector
 
@@ -55,7 +55,7 @@ def test_cache_hit_avoids_a_second_measurement(models, tmp_path, monkeypatch):
 
 
 def test_registry_errors():
-    assert {"onnxruntime", "torch"} <= set(backend_names())
+    assert {"onnxruntime", "torch"} <= set(LATENCY_BACKENDS.names())
     with pytest.raises(ConfigError, match="Did you mean 'onnxruntime'"):
         get_backend("onnxruntim")
 

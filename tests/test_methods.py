@@ -14,8 +14,8 @@ from optuna.trial import TrialState
 
 from yoloprune.config import config_from_dict
 from yoloprune.evaluators.proxy import ProxyEvaluator
+from yoloprune.registry import SEARCH_METHODS
 from yoloprune.search import screening
-from yoloprune.search.methods import method_names
 from yoloprune.search.runner import run_search
 from yoloprune.search.sensitivity import CURVE_PREFIX
 
@@ -83,7 +83,7 @@ def _check_on_target(study: optuna.Study) -> None:
         assert t.user_attrs["metrics"]["flops_reduction"] == pytest.approx(target["achieved"], abs=1e-6)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", SEARCH_METHODS.names())
 def test_every_method_lands_every_candidate_on_target(tmp_path, tiny_data, method):
     config = _config(tmp_path, tiny_data, f"m-{method}", engine={"sampler": method, "seed": 0, "startup_trials": 1})
     study = run_search(config, progress=False)

@@ -9,7 +9,8 @@ import pytest
 
 from yoloprune.config import config_from_dict
 from yoloprune.errors import ConfigError
-from yoloprune.search.methods import MethodContext, get_method, method_names
+from yoloprune.registry import SEARCH_METHODS
+from yoloprune.search.methods import MethodContext, get_method
 from yoloprune.search.targeting import Targeting
 from yoloprune.search.targets import Lander, LatencyModel, land_on_latency, uniform_family
 from yoloprune.spaces import Candidate
@@ -64,7 +65,7 @@ def test_every_method_family_is_monotone_from_least_to_most_pruning(v8n):
     curves = {s: [(0.05, 0.01 * k), (0.6, 0.1 * (k + 1))] for k, s in enumerate(STAGES)}
     ctx = MethodContext(config.space, targeting.costs, 8, curves)
     proposal = dict.fromkeys(STAGES, 0.3)
-    for name in method_names():
+    for name in SEARCH_METHODS.names():
         family = get_method(name).family(ctx, proposal)
         cuts = [targeting.lander.reduction(family(s / 10), 8) for s in range(11)]
         assert cuts == sorted(cuts), name

@@ -281,7 +281,9 @@ def _cmd_latency(args: argparse.Namespace) -> int:
         fields = {"name": "cli", "backend": args.backend, "device": args.device, "precision": args.precision,
                   "batch": args.batch, "imgsz": args.imgsz}  # fmt: skip
         if args.backend == "remote":
-            fields |= {"url": args.url or "", "remote_backend": args.remote_backend}
+            if not args.url:
+                raise ConfigError("--backend remote measures on a device's `yoloprune agent`: give its agent's url (--url).")
+            fields |= {"url": args.url, "remote_backend": args.remote_backend}
         elif args.url:
             raise ConfigError("--url is for --backend remote (a device's `yoloprune agent`).")
         else:
@@ -508,7 +510,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_db(args: argparse.Namespace) -> int:
     from yoloprune.config import load_config
-    from yoloprune.search.optuna_engine import upgrade_optuna_schema
+    from yoloprune.storage.optuna_adapter import upgrade_optuna_schema
     from yoloprune.storage.db import SCHEMA_VERSION, Store, engine_for, schema_version
 
     if args.storage:

@@ -132,6 +132,7 @@ def final_screen(
     from yoloprune.search.optuna_engine import open_study
     from yoloprune.search.results import judged_frame
     from yoloprune.storage import Store
+    from yoloprune.storage.optuna_adapter import baseline_latency
 
     study = open_study(config, create=False)
     trials = judged_frame(study, config)
@@ -140,7 +141,7 @@ def final_screen(
     base_map = float(base.get("map50_95", 0.0))
     target = config.targets[0].name if config.targets else None
     latency_col = f"latency_ms.{target}" if target else None
-    base_ms = study.user_attrs.get("baseline_latency", {}).get(latency_col) if latency_col else None
+    base_ms = baseline_latency(study).get(latency_col) if latency_col else None
     cfg = shlex.quote(str(config_path))
     lines = [f"==== yoloprune demo: finished in {seconds / 60:.1f} min " + "=" * 50]
     base_line = f"baseline   {config.model}: mAP50-95 {base_map:.4f}  GFLOPs {base.get('gflops', float('nan')):.3f}"
@@ -313,6 +314,8 @@ def _export_minutes(
     if long and long.get("seconds"):
         per_epoch = float(long["seconds"]) / long_epochs
     else:
-        timings = study.get_trials(deepcopy=False)[trial].user_attrs.get("timings", {})
+        from yoloprune.storage.record import TrialRecord
+
+        timings = TrialRecord.from_frozen(study.get_trials(deepcopy=False)[trial]).timings or {}
         per_epoch = float(timings.get("finetune", 0.0)) / max(1, proxy_epochs)
     return max(1.0, per_epoch * epochs / 60)

@@ -105,3 +105,65 @@ IMPORTANCES: Registry[Any] = Registry(
         "random": "yoloprune.pruning.prune:random_importance",
     },
 )
+
+#: Search methods (``engine.sampler``): :class:`yoloprune.search.methods.Method` objects. A method whose
+#: ``samples`` is true has an Optuna sampler of the same name in :data:`SAMPLERS`.
+SEARCH_METHODS: Registry[Any] = Registry(
+    "search method",
+    {
+        "tpe": "yoloprune.search.methods:TPE",
+        "cmaes": "yoloprune.search.methods:CMAES",
+        "nsga2": "yoloprune.search.methods:NSGA2",
+        "random": "yoloprune.search.methods:RANDOM",
+        "grid": "yoloprune.search.methods:GRID",
+        "uniform": "yoloprune.search.methods:UNIFORM",
+        "tp_global": "yoloprune.search.methods:TP_GLOBAL",
+        "sensitivity": "yoloprune.search.methods:SENSITIVITY",
+    },
+)
+
+#: Optuna samplers of the sampling search methods: factories ``(engine, space, seed, target_values) ->
+#: optuna.samplers.BaseSampler`` (:func:`yoloprune.search.optuna_engine.make_sampler`).
+SAMPLERS: Registry[Any] = Registry(
+    "sampler",
+    {
+        "tpe": "yoloprune.search.optuna_engine:tpe_sampler",
+        "cmaes": "yoloprune.search.optuna_engine:cmaes_sampler",
+        "nsga2": "yoloprune.search.optuna_engine:nsga2_sampler",
+        "random": "yoloprune.search.optuna_engine:random_sampler",
+        "grid": "yoloprune.search.optuna_engine:grid_sampler",
+    },
+)
+
+#: Trial pruners on the per-epoch mAP (``engine.pruner``): factories ``(engine, epochs) ->
+#: optuna.pruners.BasePruner | None`` (:func:`yoloprune.search.optuna_engine.make_pruner`).
+PRUNERS: Registry[Any] = Registry(
+    "pruner",
+    {
+        "none": "yoloprune.search.optuna_engine:no_pruner",
+        "median": "yoloprune.search.optuna_engine:median_pruner",
+        "successive_halving": "yoloprune.search.optuna_engine:successive_halving_pruner",
+        "hyperband": "yoloprune.search.optuna_engine:hyperband_pruner",
+    },
+)
+
+#: Tuners ``yoloprune nni`` gives NNI (``engine.nni_tuner``): :class:`yoloprune.search.nni_engine.NniTuner`.
+NNI_TUNERS: Registry[Any] = Registry(
+    "NNI tuner",
+    {
+        "tpe": "yoloprune.search.nni_engine:TPE_TUNER",
+        "evolution": "yoloprune.search.nni_engine:EVOLUTION_TUNER",
+        "random": "yoloprune.search.nni_engine:RANDOM_TUNER",
+        "optuna": "yoloprune.search.nni_engine:OPTUNA_TUNER",
+    },
+)
+
+#: INT8 quantization recipes, one per runtime (``quantize_onnx(recipe=...)``):
+#: :class:`yoloprune.convert.quantize.Int8Recipe`.
+INT8_RECIPES: Registry[Any] = Registry(
+    "INT8 recipe",
+    {
+        "onnxruntime": "yoloprune.convert.quantize:ONNXRUNTIME_RECIPE",
+        "tensorrt": "yoloprune.convert.quantize:TENSORRT_RECIPE",
+    },
+)

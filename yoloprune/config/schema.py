@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapt
 
 from yoloprune.config.objectives import Constraint, Objective, RewardConfig, latency_target_of
 from yoloprune.errors import did_you_mean
-from yoloprune.registry import LATENCY_BACKENDS
+from yoloprune.registry import LATENCY_BACKENDS, NNI_TUNERS, PRUNERS, SEARCH_METHODS
 from yoloprune.spaces.space import SearchSpace
 
 BUILTIN_PREFIX = "builtin:"
@@ -162,11 +162,6 @@ class CostTarget(_Section):
         return latency_target_of(self.metric)
 
 
-#: Search methods (``engine.sampler``): Optuna samplers over allocations, and the two without a sampler.
-SAMPLERS = ("tpe", "cmaes", "nsga2", "random", "grid")
-METHODS = (*SAMPLERS, "uniform", "sensitivity", "tp_global")
-
-
 class EngineConfig(_Section):
     """Which search engine samples candidates, and how.
 
@@ -177,15 +172,16 @@ class EngineConfig(_Section):
             ``sensitivity`` (per-stage sensitivity curves after BN re-estimation, then one global
             trade-off bisected to each cost target, as ModelOpt's FastNAS) or ``tp_global``
             (Torch-Pruning's global pruning at each cost target, a reference). The last three need a
-            ``cost_target``. See :mod:`yoloprune.search.methods`.
+            ``cost_target``. See :mod:`yoloprune.search.methods`; the names are
+            :data:`yoloprune.registry.SEARCH_METHODS`.
         screen: cheap screening of many candidates before the proxy fine-tunes (needs a ``cost_target``).
         seed: sampler seed (None: random).
         pruner: stop hopeless trials on their per-epoch mAP: ``none``, ``median``, ``successive_halving``
-            or ``hyperband``.
+            or ``hyperband`` (:data:`yoloprune.registry.PRUNERS`).
         startup_trials: trials sampled at random before TPE models the space, and before the pruner acts.
         nni_tuner: the tuner ``yoloprune nni`` gives NNI: its ``tpe``, ``evolution`` or ``random`` (they
             maximise the scalar reward), or ``optuna``: this engine's sampler (``sampler``) on the
-            objectives and constraints, wrapped as an NNI tuner.
+            objectives and constraints, wrapped as an NNI tuner (:data:`yoloprune.registry.NNI_TUNERS`).
         trial_concurrency: NNI trials run at once on this machine.
         heartbeat_s: how often a running trial tells the database it is alive (seconds).
         grace_s: a running trial silent for this long belongs to a dead worker: it is failed and retried.
@@ -196,9 +192,9 @@ class EngineConfig(_Section):
     sampler: str = "tpe"
     screen: ScreenConfig | None = None
     seed: int | None = 0
-    pruner: Literal["none", "median", "successive_halving", "hyperband"] = "none"
+    pruner: str = "none"
     startup_trials: int = Field(4, ge=0)
-    nni_tuner: Literal["tpe", "evolution", "random", "optuna"] = "tpe"
+    nni_tuner: str = "tpe"
     trial_concurrency: int = Field(1, ge=1)
     heartbeat_s: int = Field(10, ge=1)
     grace_s: int = Field(60, ge=2)
@@ -207,9 +203,17 @@ class EngineConfig(_Section):
     @field_validator("sampler")
     @classmethod
     def _known_method(cls, v: str) -> str:
-        if v not in METHODS:
-            raise ValueError(f"unknown search method '{v}'.{did_you_mean(v, METHODS)} Known: {', '.join(METHODS)}")
-        return v
+        return SEARCH_METHODS.check(v)
+
+    @field_validator("pruner")
+    @classmethod
+    def _known_pruner(cls, v: str) -> str:
+        return PRUNERS.check(v)
+
+    @field_validator("nni_tuner")
+    @classmethod
+    def _known_nni_tuner(cls, v: str) -> str:
+        return NNI_TUNERS.check(v)
 
     @model_validator(mode="after")
     def _grace_after_heartbeat(self) -> EngineConfig:

@@ -1,7 +1,8 @@
 """INT8 post-training quantization of exported ONNX detectors into Q/DQ ONNX, with ONNX Runtime's static
 quantizer (``onnxruntime.quantization.quantize_static``).
 
-One Q/DQ file serves every INT8 runtime this project measures, each with its own recipe:
+One Q/DQ file serves every INT8 runtime this project measures, each with its own recipe (an :class:`Int8Recipe`
+in :data:`yoloprune.registry.INT8_RECIPES`):
 
 * ``onnxruntime`` (the CPU execution provider): unsigned 8-bit activations with zero points, signed
   symmetric per-channel weights ("U8S8", what ONNX Runtime's x86 kernels are fastest with), every operator
@@ -23,24 +24,52 @@ from __future__ import annotations
 import re
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 
 from yoloprune.errors import EvaluatorError
+from yoloprune.registry import INT8_RECIPES
 
-Recipe = Literal["onnxruntime", "tensorrt"]
 
-#: operators the TensorRT recipe puts Q/DQ pairs around (TensorRT fuses these into INT8 kernels)
-TENSORRT_OPS = ["Conv", "MaxPool", "Resize"]
+@dataclass(frozen=True)
+class Int8Recipe:
+    """How one runtime wants its Q/DQ ONNX (an entry of :data:`yoloprune.registry.INT8_RECIPES`, under its
+    ``name``); weights are always signed, symmetric and per channel.
+
+    Attributes:
+        name: the runtime.
+        signed_activations: signed 8-bit activations (``QInt8``), else unsigned (``QUInt8``).
+        symmetric_activations: activation zero points at 0.
+        op_types: the operators Q/DQ pairs go around (None: every operator ONNX Runtime can quantize).
+        no_output_quantization: operator types whose outputs get no Q/DQ (inputs only).
+    """
+
+    name: str
+    signed_activations: bool
+    symmetric_activations: bool
+    op_types: tuple[str, ...] | None = None
+    no_output_quantization: tuple[str, ...] = ()
+
+
+#: ONNX Runtime's CPU execution provider: U8S8, every operator it can quantize.
+ONNXRUNTIME_RECIPE = Int8Recipe("onnxruntime", signed_activations=False, symmetric_activations=False)
+#: TensorRT: symmetric S8S8 on the inputs of the operators it fuses into INT8 kernels (its placement guide).
+TENSORRT_RECIPE = Int8Recipe(
+    "tensorrt",
+    signed_activations=True,
+    symmetric_activations=True,
+    op_types=("Conv", "MaxPool", "Resize"),
+    no_output_quantization=("Conv",),
+)
 
 
 def quantize_onnx(
     src: str | Path,
     dst: str | Path,
     *,
-    recipe: Recipe = "onnxruntime",
+    recipe: str = "onnxruntime",
     calibration: Iterable[np.ndarray] | None = None,
     seed: int = 0,
 ) -> Path:
@@ -49,14 +78,17 @@ def quantize_onnx(
     Args:
         src: a float ONNX detector (as :func:`yoloprune.convert.onnx.export_onnx` writes it).
         dst: where the quantized file goes.
-        recipe: ``onnxruntime`` or ``tensorrt`` (the module docstring says how they differ).
+        recipe: a name in :data:`yoloprune.registry.INT8_RECIPES`: ``onnxruntime`` or ``tensorrt`` (the
+            module docstring says how they differ).
         calibration: input batches of the ONNX's input shape (NCHW float32 in [0, 1]); None: 4 random
             batches, enough for latency, not for accuracy.
         seed: the random calibration's seed.
 
     Raises:
+        UnknownNameError: no such recipe.
         EvaluatorError: the file is not a float ONNX detector, already quantized, or calibration fails.
     """
+    spec: Int8Recipe = INT8_RECIPES.get(recipe)
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -83,7 +115,6 @@ def quantize_onnx(
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.feeds, None)
 
-    tensorrt = recipe == "tensorrt"
     dst.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="yoloprune-quant-") as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -94,16 +125,19 @@ def quantize_onnx(
                 str(dst),
                 Reader(),
                 quant_format=QuantFormat.QDQ,
-                activation_type=QuantType.QInt8 if tensorrt else QuantType.QUInt8,
+                activation_type=QuantType.QInt8 if spec.signed_activations else QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 per_channel=True,
-                op_types_to_quantize=TENSORRT_OPS if tensorrt else None,
+                op_types_to_quantize=None if spec.op_types is None else list(spec.op_types),
                 nodes_to_exclude=head_decode_nodes(onnx.load(str(prepared))),
                 extra_options={
-                    "ActivationSymmetric": tensorrt,
+                    "ActivationSymmetric": spec.symmetric_activations,
                     "WeightSymmetric": True,
-                    # TensorRT: Q/DQ on the inputs of weighted operators only (its placement guide)
-                    **({"OpTypesToExcludeOutputQuantization": ["Conv"]} if tensorrt else {}),
+                    **(
+                        {"OpTypesToExcludeOutputQuantization": list(spec.no_output_quantization)}
+                        if spec.no_output_quantization
+                        else {}
+                    ),
                 },
             )
         except Exception as e:
@@ -171,7 +205,7 @@ def _copy_metadata(source: object, dst: Path) -> None:
     onnx.save(quantized, str(dst))
 
 
-def ensure_int8(path: str | Path, *, recipe: Recipe) -> Path:
+def ensure_int8(path: str | Path, *, recipe: str) -> Path:
     """``path`` itself when it is already a Q/DQ ONNX, else an INT8 copy beside it (random calibration: for
     latency measurement, where the scales do not matter)."""
     path = Path(path)

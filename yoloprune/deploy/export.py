@@ -17,6 +17,7 @@ from torch import nn
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import BackendUnavailableError, ConfigError
 from yoloprune.log import get_logger
+from yoloprune.storage.record import TrialRecord
 
 LOGGER = get_logger(__name__)
 
@@ -62,7 +63,7 @@ def export_trial(
     if int8 and dynamic:
         raise ConfigError("--int8 quantizes a static-batch ONNX; drop --dynamic.")
     exp = prepare(config)
-    candidate = config.space.candidate_of(trial.params, trial.user_attrs)
+    candidate = config.space.candidate_of(trial.params, TrialRecord.from_frozen(trial))
     output.mkdir(parents=True, exist_ok=True)
     stem = f"{config.name}-trial{trial.number}"
     recipe = config.finetune.for_long(epochs).overrides if epochs > 0 else {}
@@ -328,7 +329,7 @@ def _versus_uniform(config: ExperimentConfig, trial: FrozenTrial) -> dict[str, A
     from yoloprune.search.optuna_engine import open_study
     from yoloprune.search.results import trials_frame, versus_uniform
 
-    target = trial.user_attrs.get("target", {})
+    target = TrialRecord.from_frozen(trial).target or {}
     table = versus_uniform(trials_frame(open_study(config, create=False)))
     row = table[table["target"] == target.get("value")]
     out: dict[str, Any] = {"cost_target": target, "proxy_epochs": config.finetune.epochs}
@@ -348,7 +349,8 @@ def _recheck(
     study = open_study(config, create=False)
     out: dict[str, Any] = {}
     fitted = cal.stored(study)
-    proxy = trial.user_attrs.get("metrics", {})
+    rec = TrialRecord.from_frozen(trial)
+    proxy = rec.metrics or {}
     real = float(metrics["map50_95_drop"])
     if fitted is not None and "map50_95_drop" in proxy:
         predicted = fitted.predict(float(proxy["map50_95_drop"]))
@@ -368,7 +370,7 @@ def _recheck(
             "map50_95": ref["map50_95"],
             "drop_vs_reference": 1 - metrics["map50_95"] / ref["map50_95"],
         }
-    if "map50_95" in proxy and trial.user_attrs.get("finetuned", True) and config.finetune.rounds == 1:
+    if "map50_95" in proxy and rec.was_finetuned and config.finetune.rounds == 1:
         cal.record_long(
             study,
             trial.number,

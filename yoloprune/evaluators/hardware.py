@@ -26,10 +26,11 @@ class HardwareEvaluator:
         self.runners = {t.name: get_backend(t.backend, **_options(t)) for t in targets}
 
     def spec(self, target: LatencyTarget) -> LatencySpec:
+        local = target if isinstance(target, LocalTarget) else None  # a remote agent runs its runtime's defaults
         return LatencySpec(
             imgsz=target.imgsz or self.imgsz, batch=target.batch, device=target.device, precision=target.precision,
             warmup=target.warmup, min_runs=target.min_runs, max_runs=target.max_runs, cv_target=target.cv_target,
-            **({"threads": target.threads, "cuda_graph": target.cuda_graph} if isinstance(target, LocalTarget) else {}),
+            threads=local.threads if local else None, cuda_graph=local.cuda_graph if local else True,
         )  # fmt: skip
 
     def measure(self, model: nn.Module, *, use_cache: bool = True) -> tuple[dict[str, float], dict[str, Any]]:

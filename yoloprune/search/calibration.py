@@ -29,6 +29,7 @@ from yoloprune.config import ExperimentConfig
 from yoloprune.config.objectives import Constraint, violations
 from yoloprune.errors import ConfigError, InternalError
 from yoloprune.log import get_logger
+from yoloprune.storage.record import TrialRecord
 
 LOGGER = get_logger(__name__)
 
@@ -240,9 +241,10 @@ def judge(
     real_map = dict(measured or {}) if calibration is not None and base_map > 0 else {}
     out: dict[int, Verdict] = {}
     for t in trials:
-        if t.state != TrialState.COMPLETE or "metrics" not in t.user_attrs:
+        rec = TrialRecord.from_frozen(t)
+        if t.state != TrialState.COMPLETE or rec.metrics is None:
             continue
-        metrics = t.user_attrs["metrics"]
+        metrics = rec.metrics
         if t.number in real_map and "map50_95_drop" in metrics:
             final = float(real_map[t.number])
             real = {**metrics, "map50_95": final, "map50_95_drop": 1 - final / base_map}
@@ -250,7 +252,7 @@ def judge(
             out[t.number] = Verdict(feasible, real["map50_95_drop"], "measured")
             continue
         if not usable or "map50_95_drop" not in metrics:
-            out[t.number] = Verdict(bool(t.user_attrs.get("feasible")), None, "proxy")
+            out[t.number] = Verdict(bool(rec.feasible), None, "proxy")
             continue
         if calibration is None:  # usable says it is not
             raise InternalError("a usable calibration is None.")
@@ -311,10 +313,12 @@ def describe(calibration: Calibration | None, study: optuna.Study | None = None)
 
 def choose(study: optuna.Study, candidates: int) -> list[FrozenTrial]:
     """Uniform-pruning trials first (one per cost-target value or ratio), then the best by reward."""
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    records = {t.number: TrialRecord.from_frozen(t) for t in finished}
     complete = [
         t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "duplicate_of" not in t.user_attrs and t.user_attrs.get("finetuned", True) and "metrics" in t.user_attrs
+        for t in finished
+        if (rec := records[t.number]).duplicate_of is None and rec.was_finetuned and rec.metrics is not None
     ]
     if len(complete) < MIN_POINTS:
         raise CalibrationError(
@@ -323,12 +327,15 @@ def choose(study: optuna.Study, candidates: int) -> list[FrozenTrial]:
         )
     if candidates < MIN_POINTS:
         raise CalibrationError(f"--candidates {candidates}: a calibration needs at least {MIN_POINTS}.")
-    uniform = [t for t in complete if t.user_attrs.get("uniform") is not None]
-    uniform.sort(key=lambda t: t.user_attrs["metrics"].get("map50_95_drop", 0.0))
-    rest = sorted(
-        (t for t in complete if t not in uniform), key=lambda t: t.user_attrs.get("reward", float("-inf")), reverse=True
-    )
+    uniform = [t for t in complete if records[t.number].uniform is not None]
+    uniform.sort(key=lambda t: records[t.number].metric("map50_95_drop", 0.0))
+    rest = sorted((t for t in complete if t not in uniform), key=lambda t: _reward(records[t.number]), reverse=True)
     return (uniform + rest)[:candidates]
+
+
+def _reward(record: TrialRecord) -> float:
+    """The trial's reward, for ranking (a trial without one last)."""
+    return record.reward if record.reward is not None else float("-inf")
 
 
 def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs: int) -> dict[int, dict[str, float]]:
@@ -353,16 +360,17 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
             session = start_session(exp, measure_latency=False, finetune=long)
             for t in todo:
                 start = time.perf_counter()
-                candidate = config.space.candidate_of(t.params, t.user_attrs)
+                rec = TrialRecord.from_frozen(t)
+                candidate = config.space.candidate_of(t.params, rec)
                 result = session.evaluator.evaluate(candidate, name=f"long{epochs}_{t.number:04d}")
                 entry: dict[str, Any] = {
-                    "proxy": float(t.user_attrs["metrics"]["map50_95"]),
+                    "proxy": rec.metric("map50_95"),
                     "final": result.raw["map50_95"],
                     "seconds": time.perf_counter() - start,
                     "recipe": long.overrides,
                 }
-                if t.user_attrs.get("screen_score") is not None:
-                    entry["screen"] = float(t.user_attrs["screen_score"])
+                if rec.screen_score is not None:
+                    entry["screen"] = float(rec.screen_score)
                 record_long(study, t.number, epochs, **entry)
                 results[t.number] = entry
                 LOGGER.info(

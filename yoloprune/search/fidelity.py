@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.log import get_logger
+from yoloprune.storage.record import TrialRecord
 
 LOGGER = get_logger(__name__)
 
@@ -54,21 +55,24 @@ def rank_agreement(x: list[float], y: list[float]) -> dict[str, float]:
 
 def choose(study: optuna.Study, top: int, sample: int, seed: int = 0) -> list[optuna.trial.FrozenTrial]:
     """The ``top`` complete trials by reward and ``sample`` others at random (duplicates excluded)."""
-    complete = [
-        t
-        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if "duplicate_of" not in t.user_attrs and t.user_attrs.get("finetuned", True)
-    ]
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    records = {t.number: TrialRecord.from_frozen(t) for t in finished}
+    complete = [t for t in finished if records[t.number].duplicate_of is None and records[t.number].was_finetuned]
     if len(complete) < 3:
         raise ConfigError(
             f"proxy fidelity needs at least 3 complete, fine-tuned trials; '{study.study_name}' has {len(complete)}."
         )
-    ranked = sorted(complete, key=lambda t: t.user_attrs.get("reward", float("-inf")), reverse=True)
+    ranked = sorted(complete, key=lambda t: _reward(records[t.number]), reverse=True)
     chosen, rest = ranked[:top], ranked[top:]
     chosen += random.Random(seed).sample(rest, min(sample, len(rest)))
     if len(chosen) < 3:
         raise ConfigError(f"--top {top} and --random {sample} choose {len(chosen)} trials; choose at least 3.")
     return chosen
+
+
+def _reward(record: TrialRecord) -> float:
+    """The trial's reward, for ranking (a trial without one last)."""
+    return record.reward if record.reward is not None else float("-inf")
 
 
 def measure(config: ExperimentConfig, *, top: int = 3, sample: int = 3, epochs: int = 20) -> Fidelity:

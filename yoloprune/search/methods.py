@@ -8,10 +8,14 @@ allocations a candidate is moved onto the cost target (:mod:`yoloprune.search.ta
 with a cost target also evaluates uniform pruning at each target value first (candidate 0), so a search's
 best is never below uniform on the proxy.
 
-To add a method, register its family::
+Every method is a :class:`Method` in :data:`yoloprune.registry.SEARCH_METHODS`; to add one, register it::
 
-    @register("mine", "what it does", samples=False)
     def _mine(ctx: MethodContext, proposal: Mapping[str, float]) -> Family: ...
+
+    SEARCH_METHODS.register("mine", Method("mine", "what it does", samples=False, family=_mine))
+
+(a method with ``samples=True`` also needs an Optuna sampler of the same name in
+:data:`yoloprune.registry.SAMPLERS`).
 """
 
 from __future__ import annotations
@@ -20,9 +24,9 @@ import itertools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from yoloprune.config.schema import SAMPLERS
-from yoloprune.errors import ConfigError, did_you_mean
+from yoloprune.errors import ConfigError
 from yoloprune.pruning.widths import CostModel
+from yoloprune.registry import SEARCH_METHODS
 from yoloprune.search.targets import (
     Family,
     bounds_family,
@@ -46,7 +50,7 @@ class MethodContext:
 
 @dataclass(frozen=True)
 class Method:
-    """One registered search method."""
+    """One search method (an entry of :data:`yoloprune.registry.SEARCH_METHODS`, under its ``name``)."""
 
     name: str
     summary: str
@@ -55,67 +59,53 @@ class Method:
     global_ranking: bool = False  # prunes with Torch-Pruning's global ranking (the family's shared ratio)
 
 
-_REGISTRY: dict[str, Method] = {}
-
-
-def register(
-    name: str, summary: str, *, samples: bool, global_ranking: bool = False
-) -> Callable[[Callable[..., Family]], Callable[..., Family]]:
-    """Register a method's family under ``name``."""
-
-    def wrap(fn: Callable[[MethodContext, Mapping[str, float]], Family]) -> Callable[..., Family]:
-        _REGISTRY[name] = Method(name, summary, samples, fn, global_ranking)
-        return fn
-
-    return wrap
-
-
-def method_names() -> list[str]:
-    return list(_REGISTRY)
-
-
 def get_method(name: str) -> Method:
-    """The registered method ``name``; an unknown name lists the known ones."""
-    if name not in _REGISTRY:
-        raise ConfigError(
-            f"unknown search method '{name}'.{did_you_mean(name, _REGISTRY)} Known: {', '.join(_REGISTRY)}"
-        )
-    return _REGISTRY[name]
+    """The search method registered as ``name`` in :data:`~yoloprune.registry.SEARCH_METHODS`; an unknown name
+    lists the known ones."""
+    method: Method = SEARCH_METHODS.get(name)
+    return method
 
 
 def _proposal_family(ctx: MethodContext, proposal: Mapping[str, float]) -> Family:
     return bounds_family(ctx.space, proposal)
 
 
-for _name in SAMPLERS:
-    register(_name, f"Optuna's {_name} sampler over allocations, each pushed onto the target", samples=True)(
-        _proposal_family
+def _sampled(name: str) -> Method:
+    return Method(
+        name, f"Optuna's {name} sampler over allocations, each pushed onto the target", True, _proposal_family
     )
 
 
-@register("uniform", "one ratio on every searched stage, bisected to each target value", samples=False)
 def _uniform(ctx: MethodContext, proposal: Mapping[str, float]) -> Family:
     return uniform_family(ctx.space)
 
 
-@register(
+def _sensitivity(ctx: MethodContext, proposal: Mapping[str, float]) -> Family:
+    return sensitivity_family(ctx)
+
+
+TPE = _sampled("tpe")
+CMAES = _sampled("cmaes")
+NSGA2 = _sampled("nsga2")
+RANDOM = _sampled("random")
+GRID = _sampled("grid")
+UNIFORM = Method(
+    "uniform", "one ratio on every searched stage, bisected to each target value", samples=False, family=_uniform
+)
+TP_GLOBAL = Method(
     "tp_global",
     "Torch-Pruning's global pruning (channels ranked across all searched stages at once), its ratio "
     "bisected to each target value on real prunings: a reference baseline",
     samples=False,
+    family=_uniform,
     global_ranking=True,
 )
-def _tp_global(ctx: MethodContext, proposal: Mapping[str, float]) -> Family:
-    return uniform_family(ctx.space)
-
-
-@register(
+SENSITIVITY = Method(
     "sensitivity",
     "per-stage sensitivity curves after BN re-estimation, then one global trade-off bisected to the target",
     samples=False,
+    family=_sensitivity,
 )
-def _sensitivity(ctx: MethodContext, proposal: Mapping[str, float]) -> Family:
-    return sensitivity_family(ctx)
 
 
 _OPTIONS = 41  # ratios per stage the sensitivity family chooses from

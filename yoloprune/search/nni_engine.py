@@ -35,6 +35,7 @@ from yoloprune.device import default_device
 from yoloprune.errors import BackendUnavailableError, ConfigError, YoloPruneError
 from yoloprune.log import get_logger
 from yoloprune.offline import ultralytics_quiet
+from yoloprune.registry import NNI_TUNERS
 from yoloprune.search.optuna_engine import EpochReporter, make_sampler, open_study
 from yoloprune.spaces import RatioRange, SearchSpace
 from yoloprune.storage.optuna_adapter import (
@@ -55,7 +56,29 @@ LOGGER = get_logger(__name__)
 #: Experiment config as the trials and the Optuna tuner read it (paths already absolute).
 CONFIG_FILE = "experiment.json"
 
-_TUNERS = {"tpe": "TPE", "evolution": "Evolution", "random": "Random"}
+
+@dataclass(frozen=True)
+class NniTuner:
+    """A tuner ``yoloprune nni`` can give NNI (an entry of :data:`yoloprune.registry.NNI_TUNERS`).
+
+    Attributes:
+        algorithm: NNI's built-in tuner name (``TPE``), or the import path of a custom tuner class.
+        custom: ``algorithm`` is a custom tuner class of this package, given the experiment's config file.
+        seeded: the tuner takes ``engine.seed``.
+        population: the tuner takes a population size (half the trial budget, within 4 to 32).
+    """
+
+    algorithm: str
+    custom: bool = False
+    seeded: bool = False
+    population: bool = False
+
+
+TPE_TUNER = NniTuner("TPE", seeded=True)
+EVOLUTION_TUNER = NniTuner("Evolution", population=True)
+RANDOM_TUNER = NniTuner("Random", seeded=True)
+#: this engine's sampler on the objectives and constraints (:class:`OptunaTuner`)
+OPTUNA_TUNER = NniTuner("yoloprune.search.nni_engine.OptunaTuner", custom=True)
 
 
 def require_nni() -> None:
@@ -170,19 +193,20 @@ def _set_tuner(exp: Experiment, config: ExperimentConfig, config_file: Path) -> 
     from nni.experiment.config import AlgorithmConfig, CustomAlgorithmConfig
 
     engine = config.engine
-    if engine.nni_tuner == "optuna":
+    tuner: NniTuner = NNI_TUNERS.get(engine.nni_tuner)
+    if tuner.custom:
         exp.config.tuner = CustomAlgorithmConfig(
-            class_name="yoloprune.search.nni_engine.OptunaTuner",
+            class_name=tuner.algorithm,
             code_directory=str(Path(__file__).resolve().parents[2]),
             class_args={"config_file": str(config_file)},
         )
         return
     args: dict[str, Any] = {"optimize_mode": "maximize"}
-    if engine.nni_tuner in ("tpe", "random") and engine.seed is not None:
+    if tuner.seeded and engine.seed is not None:
         args["seed"] = engine.seed
-    if engine.nni_tuner == "evolution":
+    if tuner.population:
         args["population_size"] = max(4, min(32, (config.budget.trials or 32) // 2))
-    exp.config.tuner = AlgorithmConfig(name=_TUNERS[engine.nni_tuner], class_args=args)
+    exp.config.tuner = AlgorithmConfig(name=tuner.algorithm, class_args=args)
 
 
 def _prepare_baseline(config: ExperimentConfig, verbose: bool) -> None:
@@ -402,7 +426,7 @@ def _evaluate(config: ExperimentConfig, study: optuna.Study, trial: optuna.Trial
 
     from yoloprune.experiment import prepare, start_session
     from yoloprune.search.targeting import session_targeting
-    from yoloprune.search.trial import TrialEvaluation
+    from yoloprune.search.trial import NoDisplay, TrialEvaluation
 
     session = start_session(prepare(config))
     record_baseline_latency(study, session.baseline_latency)
@@ -410,7 +434,7 @@ def _evaluate(config: ExperimentConfig, study: optuna.Study, trial: optuna.Trial
         session,
         EpochReporter(study, None),  # NNI's assessors, not Optuna's pruners, act on NNI trials
         targeting=session_targeting(session) if config.cost_target is not None else None,
-        progress=False,
+        display=NoDisplay,
         epoch_hook=lambda epoch, m: nni.report_intermediate_result(float(m["map50_95"])),
     )
     return evaluation(trial)

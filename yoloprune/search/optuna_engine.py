@@ -18,6 +18,7 @@ from optuna.trial import FrozenTrial
 from yoloprune.config import EngineConfig, ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.log import get_logger
+from yoloprune.registry import PRUNERS, SAMPLERS
 from yoloprune.spaces import SearchSpace
 from yoloprune.storage.optuna_adapter import append_epoch, create_study, load_study
 from yoloprune.storage.record import TrialRecord
@@ -25,34 +26,64 @@ from yoloprune.storage.record import TrialRecord
 LOGGER = get_logger(__name__)
 
 
+#: What a :data:`yoloprune.registry.SAMPLERS` entry is: ``(engine, space, seed, target_values) -> sampler``.
+SamplerFactory = Callable[[EngineConfig, SearchSpace, int | None, list[float] | None], optuna.samplers.BaseSampler]
+#: What a :data:`yoloprune.registry.PRUNERS` entry is: ``(engine, epochs) -> pruner`` (None: off).
+PrunerFactory = Callable[[EngineConfig, int], optuna.pruners.BasePruner | None]
+
+
 def make_sampler(
     engine: EngineConfig, space: SearchSpace, worker: int = 0, target_values: list[float] | None = None
 ) -> optuna.samplers.BaseSampler:
-    """The sampler named in the config. TPE and NSGA-II see the constraints
-    (:func:`yoloprune.storage.optuna_adapter.write_record`).
+    """The sampler of the config's search method, from :data:`yoloprune.registry.SAMPLERS`. TPE and NSGA-II
+    see the constraints (:func:`yoloprune.storage.optuna_adapter.write_record`).
 
-    ``uniform``, ``sensitivity`` and ``tp_global`` queue all their candidates: a random sampler only answers parameters
-    a queued trial does not fix. ``target_values``: the cost target's values when it lists several (a
-    categorical parameter of every trial).
+    ``uniform``, ``sensitivity`` and ``tp_global`` (methods with no sampler of their name) queue all their
+    candidates: a random sampler only answers parameters a queued trial does not fix. ``target_values``: the
+    cost target's values when it lists several (a categorical parameter of every trial).
 
     ``worker`` (a worker id, unique in the database) shifts the seed, so workers sharing a study do not
     all propose the same candidates; a fresh database gives the same ids, hence the same seeds.
     """
     seed = None if engine.seed is None else engine.seed + 7919 * worker
-    if engine.sampler == "tpe":
-        return optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=engine.startup_trials,
-            multivariate=True,
-        )
-    if engine.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
-    if engine.sampler == "cmaes":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=engine.startup_trials)
-    if engine.sampler != "grid":  # random, and the methods that queue their candidates
-        return optuna.samplers.RandomSampler(seed=seed)
+    factory: SamplerFactory = SAMPLERS.get(engine.sampler if engine.sampler in SAMPLERS else "random")
+    return factory(engine, space, seed, target_values)
+
+
+def tpe_sampler(
+    engine: EngineConfig, space: SearchSpace, seed: int | None, target_values: list[float] | None
+) -> optuna.samplers.BaseSampler:
+    """Multivariate TPE, after ``engine.startup_trials`` random trials."""
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=engine.startup_trials, multivariate=True)
+
+
+def nsga2_sampler(
+    engine: EngineConfig, space: SearchSpace, seed: int | None, target_values: list[float] | None
+) -> optuna.samplers.BaseSampler:
+    """NSGA-II with populations of 8."""
+    return optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+
+
+def cmaes_sampler(
+    engine: EngineConfig, space: SearchSpace, seed: int | None, target_values: list[float] | None
+) -> optuna.samplers.BaseSampler:
+    """CMA-ES, after ``engine.startup_trials`` random trials (Optuna's experimental warning silenced)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=engine.startup_trials)
+
+
+def random_sampler(
+    engine: EngineConfig, space: SearchSpace, seed: int | None, target_values: list[float] | None
+) -> optuna.samplers.BaseSampler:
+    """Uniformly random allocations (and the answer to whatever a queued trial does not fix)."""
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def grid_sampler(
+    engine: EngineConfig, space: SearchSpace, seed: int | None, target_values: list[float] | None
+) -> optuna.samplers.BaseSampler:
+    """Every point of the space's grid (times each target value, when the cost target lists several)."""
     grid: dict[str, list[Any]] = space.grid()
     if target_values and len(target_values) > 1:
         from yoloprune.search.methods import TARGET_PARAM
@@ -64,14 +95,32 @@ def make_sampler(
 
 
 def make_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner | None:
-    """The pruner that stops hopeless trials on their per-epoch mAP50-95 (None: off)."""
-    if engine.pruner == "none" or epochs < 2:
+    """The pruner (:data:`yoloprune.registry.PRUNERS`) that stops hopeless trials on their per-epoch
+    mAP50-95 (None: off, and always off below two epochs)."""
+    if epochs < 2:
         return None
-    if engine.pruner == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=engine.startup_trials, n_warmup_steps=0)
-    if engine.pruner == "hyperband":
-        return _Hyperband(max_resource=epochs, reduction_factor=3)
+    factory: PrunerFactory = PRUNERS.get(engine.pruner)
+    return factory(engine, epochs)
+
+
+def no_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner | None:
+    """Every trial runs all its epochs."""
+    return None
+
+
+def median_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner | None:
+    """Stop a trial whose mAP is below the median of earlier trials' at the same epoch."""
+    return optuna.pruners.MedianPruner(n_startup_trials=engine.startup_trials, n_warmup_steps=0)
+
+
+def successive_halving_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner | None:
+    """Asynchronous successive halving (keep the best half at each rung)."""
     return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+
+
+def hyperband_pruner(engine: EngineConfig, epochs: int) -> optuna.pruners.BasePruner | None:
+    """Hyperband over the fine-tune's epochs (:class:`_Hyperband`)."""
+    return _Hyperband(max_resource=epochs, reduction_factor=3)
 
 
 def open_study(config: ExperimentConfig, *, create: bool = True, worker: int = 0) -> optuna.Study:

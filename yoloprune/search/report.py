@@ -18,6 +18,8 @@ from plotly.offline import get_plotlyjs
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.search.results import front_table, judged_frame, pareto_front, summary_counts
+from yoloprune.storage.optuna_adapter import baseline_latency
+from yoloprune.storage.record import TrialRecord
 
 COLORS = {"front": "#d62728", "feasible": "#1f77b4", "infeasible": "#9e9e9e", "baseline": "#2ca02c"}
 
@@ -47,7 +49,7 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
     csv = out_dir / "trials.csv"
     trials.to_csv(csv, index=False)
     base = Store(config.storage_url).baseline_of(config.name) or {}
-    base = {**base, **study.user_attrs.get("baseline_latency", {})}
+    base = {**base, **baseline_latency(study)}
     if trial is None:
         try:
             trial = select_trial(study, config).number
@@ -55,8 +57,8 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
             complete = trials[trials["state"] == "complete"]
             trial = int(complete.sort_values("reward", ascending=False)["trial"].iloc[0])
     all_trials = study.get_trials(deepcopy=False)
-    chosen = all_trials[trial] if 0 <= trial < len(all_trials) else None
-    if chosen is None or "per_class" not in chosen.user_attrs:
+    chosen = TrialRecord.from_frozen(all_trials[trial]) if 0 <= trial < len(all_trials) else None
+    if chosen is None or chosen.per_class is None:
         raise ConfigError(f"trial {trial} has no per-class AP (it does not exist or did not finish).")
 
     front = pareto_front(trials, config)
@@ -81,7 +83,7 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
     if ratios is not None:
         figures["front-ratios"] = ratios
     figures["progress"] = _progress(trials)
-    figures["per-class"] = _per_class(base.get("per_class", {}), chosen.user_attrs["per_class"], trial)
+    figures["per-class"] = _per_class(base.get("per_class", {}), chosen.per_class, trial)
 
     path = Path(output) if output else out_dir / "report.html"
     path.parent.mkdir(parents=True, exist_ok=True)

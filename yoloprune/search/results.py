@@ -10,6 +10,8 @@ import pandas as pd
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.config.objectives import pareto_mask
+from yoloprune.storage.optuna_adapter import baseline_latency
+from yoloprune.storage.record import TrialRecord
 from yoloprune.tables import format_table
 
 METRIC_COLUMNS = (
@@ -21,33 +23,34 @@ def trials_frame(study: optuna.Study) -> pd.DataFrame:
     """One row per trial: state, feasibility, reward, metrics, the candidate's ratios and knobs, errors."""
     rows: list[dict[str, Any]] = []
     for t in study.get_trials(deepcopy=False):
-        attrs = t.user_attrs
-        cand = attrs.get("candidate", {})
+        rec = TrialRecord.from_frozen(t)
+        cand = rec.candidate or {}
+        target = rec.target or {}
         row: dict[str, Any] = {
             "trial": t.number,
             "state": t.state.name.lower(),
-            "feasible": attrs.get("feasible"),
-            "finetuned": attrs.get("finetuned"),
-            "reward": attrs.get("reward"),
-            "uniform": attrs.get("uniform"),
-            "method": attrs.get("method"),
-            "cost_target": attrs.get("target", {}).get("value"),
-            "achieved": attrs.get("target", {}).get("achieved"),
-            "on_target": attrs.get("target", {}).get("on_target"),
-            "screen_rank": attrs.get("screen_rank"),
-            "screen_score": attrs.get("screen_score"),
-            "warm_start": attrs.get("warm_start"),
-            "duplicate_of": attrs.get("duplicate_of"),
-            "retry_of": attrs.get("retry_of"),
+            "feasible": rec.feasible,
+            "finetuned": rec.finetuned,
+            "reward": rec.reward,
+            "uniform": rec.uniform,
+            "method": rec.method,
+            "cost_target": target.get("value"),
+            "achieved": target.get("achieved"),
+            "on_target": target.get("on_target"),
+            "screen_rank": rec.screen_rank,
+            "screen_score": rec.screen_score,
+            "warm_start": rec.warm_start,
+            "duplicate_of": rec.duplicate_of,
+            "retry_of": rec.retry_of,
         }
-        metrics = attrs.get("metrics", {})
+        metrics = rec.metrics or {}
         row.update({k: metrics.get(k) for k in METRIC_COLUMNS})
         row.update({k: v for k, v in metrics.items() if k.startswith(("latency_ms.", "latency_ratio."))})
         row.update({f"ratio.{k}": v for k, v in cand.get("ratios", {}).items()})
         row["importance"] = cand.get("importance")
         row["round_to"] = cand.get("round_to")
-        row["seconds"] = attrs.get("timings", {}).get("total")
-        row["error"] = attrs.get("error")
+        row["seconds"] = (rec.timings or {}).get("total")
+        row["error"] = rec.error
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -148,7 +151,7 @@ def describe_versus_uniform(table: pd.DataFrame, metric: str) -> list[str]:
 def per_class_change(study: optuna.Study, trial: int, baseline: dict[str, Any]) -> pd.DataFrame:
     """Per-class AP50-95 of ``trial`` against the baseline's: what pruning the head costs each class."""
     t = study.get_trials(deepcopy=False)[trial]
-    before, after = baseline.get("per_class", {}), t.user_attrs.get("per_class", {})
+    before, after = baseline.get("per_class", {}), TrialRecord.from_frozen(t).per_class or {}
     rows = [
         {"class": name, "baseline AP50-95": before.get(name), f"trial {trial} AP50-95": ap,
          "change_%": round(100 * (ap / before[name] - 1), 1) if before.get(name) else None}
@@ -215,7 +218,7 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
             + ", ".join(f"{n} {s}" for s, n in sorted(by_state.items()))
             + ")"
         )
-    base_latency = study.user_attrs.get("baseline_latency", {})
+    base_latency = baseline_latency(study)
     for name in [t.name for t in config.targets]:
         col = f"latency_ms.{name}"
         if col in trials and trials[col].notna().any():

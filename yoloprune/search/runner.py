@@ -23,7 +23,7 @@ from yoloprune.search.methods import get_method
 from yoloprune.search.optuna_engine import EpochReporter, make_pruner, open_study
 from yoloprune.search.sensitivity import enqueue_warm_start, measure_curves
 from yoloprune.search.targeting import Targeting, enqueue_at_targets, session_targeting
-from yoloprune.search.trial import TrialEvaluation
+from yoloprune.search.trial import EpochBars, NoDisplay, TrialEvaluation
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.storage import Store
 from yoloprune.storage.optuna_adapter import fail_stale, finished_count, record_baseline_latency, recover_interrupted
@@ -79,7 +79,7 @@ def run_search(
                 session,
                 EpochReporter(study, make_pruner(config.engine, config.finetune.epochs)),
                 targeting=targeting,
-                progress=progress,
+                display=EpochBars if progress else NoDisplay,
             )
             _optimize(study, objective, exp, worker, done, remaining, progress)
         _after_search(study)

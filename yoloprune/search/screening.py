@@ -27,6 +27,8 @@ from yoloprune.log import get_logger
 from yoloprune.search.methods import TARGET_PARAM
 from yoloprune.search.targeting import Targeting
 from yoloprune.spaces import SearchSpace
+from yoloprune.storage.optuna_adapter import enqueue
+from yoloprune.storage.record import TrialRecord
 
 if TYPE_CHECKING:
     from yoloprune.evaluators.proxy import ProxyEvaluator
@@ -106,7 +108,7 @@ def enqueue_best(study: optuna.Study, config: ExperimentConfig, records: list[di
     cfg = config.engine.screen
     if cfg is None:
         raise InternalError("screening without engine.screen in the config.")
-    queued_before = {t.user_attrs.get("screen_index") for t in study.get_trials(deepcopy=False)}
+    queued_before = {TrialRecord.from_frozen(t).screen_index for t in study.get_trials(deepcopy=False)}
     several = config.cost_target is not None and len(config.cost_target.values) > 1
     queued = []
     for value in sorted({r["value"] for r in records}):
@@ -115,8 +117,7 @@ def enqueue_best(study: optuna.Study, config: ExperimentConfig, records: list[di
             if r["index"] in queued_before:
                 continue
             params = {**r["params"], **({TARGET_PARAM: value} if several else {})}
-            attrs = {"screen_index": r["index"], "screen_rank": rank, "screen_score": r["score"]}
-            study.enqueue_trial(params, user_attrs=attrs, skip_if_exists=False)
+            enqueue(study, params, TrialRecord(screen_index=r["index"], screen_rank=rank, screen_score=r["score"]))
             queued.append(r["index"])
     return queued
 
@@ -128,11 +129,12 @@ def agreement(study: optuna.Study) -> list[dict[str, float]]:
 
     by_value: dict[float, list[tuple[float, float]]] = {}
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        score = t.user_attrs.get("screen_score")
-        target = t.user_attrs.get("target", {})
-        if score is None or "duplicate_of" in t.user_attrs:
+        rec = TrialRecord.from_frozen(t)
+        score = rec.screen_score
+        if score is None or rec.duplicate_of is not None:
             continue
-        by_value.setdefault(float(target.get("value", 0.0)), []).append((score, t.user_attrs["metrics"]["map50_95"]))
+        value = float((rec.target or {}).get("value", 0.0))
+        by_value.setdefault(value, []).append((score, rec.metric("map50_95")))
     out = []
     for value, pairs in sorted(by_value.items()):
         if len(pairs) >= 3:

@@ -18,6 +18,8 @@ from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.log import get_logger
 from yoloprune.spaces import Candidate, RatioRange
+from yoloprune.storage.optuna_adapter import enqueue
+from yoloprune.storage.record import TrialRecord
 
 if TYPE_CHECKING:
     from yoloprune.data.check import DatasetInfo
@@ -144,13 +146,13 @@ def warm_start_params(config: ExperimentConfig, rows: list[StageSensitivity], n:
 
 def enqueue_warm_start(study: optuna.Study, exp: Experiment, n: int) -> list[dict[str, Any]]:
     """Queue ``n`` sensitivity-guided candidates (once per experiment); scans first if no scan is stored."""
-    if any(t.user_attrs.get("warm_start") for t in study.get_trials(deepcopy=False)):
+    if any(TrialRecord.from_frozen(t).warm_start for t in study.get_trials(deepcopy=False)):
         return []
     config = exp.config
     rows = stored(study) or scan(config, exp=exp, study=study)
     params = warm_start_params(config, rows, n)
     for k, p in enumerate(params, start=1):
-        study.enqueue_trial(p, user_attrs={"warm_start": k}, skip_if_exists=False)
+        enqueue(study, p, TrialRecord(warm_start=k))
     return params
 
 

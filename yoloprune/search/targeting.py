@@ -25,6 +25,8 @@ from yoloprune.search.targets import (
     uniform_family,
 )
 from yoloprune.spaces import Candidate
+from yoloprune.storage.optuna_adapter import enqueue
+from yoloprune.storage.record import TrialRecord
 
 if TYPE_CHECKING:
     from yoloprune.experiment import Session
@@ -222,11 +224,8 @@ def enqueue_at_targets(study: optuna.Study, targeting: Targeting, method: str) -
     along ``method``'s family when it runs (tagged by the ``method`` attribute), so it is on its target.
     """
     space = targeting.space
-    done = {
-        float(t.user_attrs["target_value"])
-        for t in study.get_trials(deepcopy=False)
-        if t.user_attrs.get("method") == method and "target_value" in t.user_attrs
-    }
+    records = [TrialRecord.from_frozen(t) for t in study.get_trials(deepcopy=False)]
+    done = {float(r.target_value) for r in records if r.method == method and r.target_value is not None}
     importance, round_to = space.importances[0], space.round_tos[0]
     middle = {n: (r.low + r.high) / 2 for n, r in space.searched().items()}
     queued = []
@@ -243,7 +242,7 @@ def enqueue_at_targets(study: optuna.Study, targeting: Targeting, method: str) -
         )
         if len(targeting.values) > 1:
             params[TARGET_PARAM] = value
-        study.enqueue_trial(params, user_attrs={"method": method, "target_value": value}, skip_if_exists=False)
+        enqueue(study, params, TrialRecord(method=method, target_value=value))
         queued.append(value)
     return queued
 

@@ -4,7 +4,7 @@
 (:mod:`.runner`), and each NNI trial process calls it on the trial NNI proposed (:mod:`.nni_engine`). What
 differs between them is pluggable: how a candidate another trial already evaluates is handled
 (:class:`WaitForTwin` or :class:`EvaluateEvery`), how the fine-tune's epochs are shown
-(:class:`EpochBars` or none) and who else hears of each epoch (``epoch_hook``: NNI's intermediate results).
+(:class:`EpochBars` or :class:`NoDisplay`) and who else hears of each epoch (``epoch_hook``: NNI's intermediate results).
 Everything a trial stores goes through its :class:`~yoloprune.storage.record.TrialRecord`.
 """
 
@@ -15,6 +15,7 @@ import gc
 import os
 import socket
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import optuna
@@ -88,13 +89,13 @@ class EpochDisplay(Protocol):
 class EpochBars:
     """A progress bar per trial's fine-tune (tqdm, cleared when the trial ends)."""
 
-    def __init__(self, trial_number: int, epochs: int, *, enabled: bool = True) -> None:
+    def __init__(self, trial_number: int, epochs: int) -> None:
         self.bar = tqdm(
             total=epochs,
             desc=f"  trial {trial_number} fine-tune",
             unit="epoch",
             leave=False,
-            disable=not enabled or epochs == 0,
+            disable=epochs == 0,
             dynamic_ncols=True,
         )
 
@@ -104,6 +105,19 @@ class EpochBars:
 
     def close(self) -> None:
         self.bar.close()
+
+
+class NoDisplay:
+    """Shows nothing (NNI trials, ``--no-progress``)."""
+
+    def __init__(self, trial_number: int, epochs: int) -> None:
+        pass
+
+    def update(self, metrics: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class TrialEvaluation:
@@ -117,7 +131,7 @@ class TrialEvaluation:
         *,
         targeting: Targeting | None = None,
         duplicates: DuplicatePolicy | None = None,
-        progress: bool = True,
+        display: Callable[[int, int], EpochDisplay] = EpochBars,
         epoch_hook: EpochCallback | None = None,
     ) -> None:
         self.session = session
@@ -125,7 +139,7 @@ class TrialEvaluation:
         self.reporter = reporter
         self.targeting = targeting
         self.duplicates = duplicates or WaitForTwin(self.cfg.engine.heartbeat_s)
-        self.progress = progress
+        self.display = display
         self.epoch_hook = epoch_hook
         self.cost_constraints = [c for c in self.cfg.constraints if c.on_cost]
 
@@ -135,7 +149,7 @@ class TrialEvaluation:
         twin = self.duplicates.twin(trial, candidate.key())
         if twin is not None:
             return self._copy(trial, twin, start)
-        display = EpochBars(trial.number, self.cfg.finetune.epochs, enabled=self.progress)
+        display = self.display(trial.number, self.cfg.finetune.epochs)
         report = self.reporter.callback(trial)
 
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:

@@ -14,6 +14,8 @@ import optuna
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.spaces import RatioRange
+from yoloprune.storage.optuna_adapter import enqueue
+from yoloprune.storage.record import TrialRecord
 
 
 def uniform_params(config: ExperimentConfig, ratio: float) -> dict[str, object]:
@@ -43,11 +45,11 @@ def uniform_params(config: ExperimentConfig, ratio: float) -> dict[str, object]:
 
 def enqueue_uniform(study: optuna.Study, config: ExperimentConfig, ratios: Sequence[float]) -> list[float]:
     """Queue one uniform candidate per ratio not queued or run before; returns the ratios queued now."""
-    done = {t.user_attrs.get("uniform") for t in study.get_trials(deepcopy=False)}
+    done = {TrialRecord.from_frozen(t).uniform for t in study.get_trials(deepcopy=False)}
     queued = []
     for ratio in ratios:
         params = uniform_params(config, ratio)  # validates every ratio before anything is queued
         if ratio not in done:
-            study.enqueue_trial(params, user_attrs={"uniform": ratio}, skip_if_exists=False)
+            enqueue(study, params, TrialRecord(uniform=ratio))
             queued.append(ratio)
     return queued

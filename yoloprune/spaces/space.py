@@ -15,12 +15,15 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
 from yoloprune.errors import SearchSpaceError, did_you_mean
 from yoloprune.registry import IMPORTANCES
+
+if TYPE_CHECKING:
+    from yoloprune.storage.record import TrialRecord
 
 MAX_RATIO = 0.95
 
@@ -184,9 +187,10 @@ class SearchSpace(BaseModel):
         """Rebuild the candidate a trial sampled from its stored parameters."""
         return self.suggest(_Replay(params))
 
-    def candidate_of(self, params: dict[str, Any], user_attrs: dict[str, Any]) -> Candidate:
-        """The candidate a trial evaluated: the one it recorded (landed on a cost target, say), else its parameters'."""
-        recorded = user_attrs.get("candidate")
+    def candidate_of(self, params: dict[str, Any], record: TrialRecord) -> Candidate:
+        """The candidate a trial evaluated: the one its record holds (landed on a cost target, say), else its
+        parameters'."""
+        recorded = record.candidate
         if isinstance(recorded, dict) and "ratios" in recorded:
             return Candidate(
                 {k: float(v) for k, v in recorded["ratios"].items()},

@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Literal, NoReturn
 
 import optuna
 from optuna.storages import RDBStorage
@@ -71,28 +71,90 @@ class RetryingRDBStorage(RDBStorage):
             session.query(models.TrialUserAttributeModel).filter_by(trial_id=trial_id, key=key).delete()
             session.add(models.TrialUserAttributeModel(trial_id=trial_id, key=key, value_json=json.dumps(value)))
 
-    # Optuna's own calls, retried.
-    create_new_study = retry_transient(RDBStorage.create_new_study)
-    get_study_id_from_name = retry_transient(RDBStorage.get_study_id_from_name)
-    get_study_name_from_id = retry_transient(RDBStorage.get_study_name_from_id)
-    get_study_directions = retry_transient(RDBStorage.get_study_directions)
-    get_study_user_attrs = retry_transient(RDBStorage.get_study_user_attrs)
-    get_study_system_attrs = retry_transient(RDBStorage.get_study_system_attrs)
-    set_study_user_attr = retry_transient(RDBStorage.set_study_user_attr)
-    set_study_system_attr = retry_transient(RDBStorage.set_study_system_attr)
-    get_all_studies = retry_transient(RDBStorage.get_all_studies)
-    create_new_trial = retry_transient(RDBStorage.create_new_trial)
-    set_trial_param = retry_transient(RDBStorage.set_trial_param)
-    get_trial_id_from_study_id_trial_number = retry_transient(RDBStorage.get_trial_id_from_study_id_trial_number)
-    set_trial_state_values = retry_transient(RDBStorage.set_trial_state_values)
-    set_trial_intermediate_value = retry_transient(RDBStorage.set_trial_intermediate_value)
-    set_trial_user_attr = retry_transient(RDBStorage.set_trial_user_attr)
-    set_trial_system_attr = retry_transient(RDBStorage.set_trial_system_attr)
-    get_trial = retry_transient(RDBStorage.get_trial)
-    get_all_trials = retry_transient(RDBStorage.get_all_trials)
-    get_best_trial = retry_transient(RDBStorage.get_best_trial)
-    record_heartbeat = retry_transient(RDBStorage.record_heartbeat)
-    _get_stale_trial_ids = retry_transient(RDBStorage._get_stale_trial_ids)
+    # Optuna's own calls, each retried.
+    @retry_transient
+    def create_new_study(self, *args: Any, **kwargs: Any) -> Any:
+        return super().create_new_study(*args, **kwargs)
+
+    @retry_transient
+    def get_study_id_from_name(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_study_id_from_name(*args, **kwargs)
+
+    @retry_transient
+    def get_study_name_from_id(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_study_name_from_id(*args, **kwargs)
+
+    @retry_transient
+    def get_study_directions(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_study_directions(*args, **kwargs)
+
+    @retry_transient
+    def get_study_user_attrs(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_study_user_attrs(*args, **kwargs)
+
+    @retry_transient
+    def get_study_system_attrs(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_study_system_attrs(*args, **kwargs)
+
+    @retry_transient
+    def set_study_user_attr(self, *args: Any, **kwargs: Any) -> Any:
+        return super().set_study_user_attr(*args, **kwargs)
+
+    @retry_transient
+    def set_study_system_attr(self, *args: Any, **kwargs: Any) -> Any:
+        return super().set_study_system_attr(*args, **kwargs)
+
+    @retry_transient
+    def get_all_studies(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_all_studies(*args, **kwargs)
+
+    @retry_transient
+    def create_new_trial(self, *args: Any, **kwargs: Any) -> Any:
+        return super().create_new_trial(*args, **kwargs)
+
+    @retry_transient
+    def set_trial_param(self, *args: Any, **kwargs: Any) -> Any:
+        return super().set_trial_param(*args, **kwargs)
+
+    @retry_transient
+    def get_trial_id_from_study_id_trial_number(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_trial_id_from_study_id_trial_number(*args, **kwargs)
+
+    @retry_transient
+    def set_trial_state_values(self, *args: Any, **kwargs: Any) -> Any:
+        return super().set_trial_state_values(*args, **kwargs)
+
+    @retry_transient
+    def set_trial_intermediate_value(self, *args: Any, **kwargs: Any) -> Any:
+        return super().set_trial_intermediate_value(*args, **kwargs)
+
+    @retry_transient
+    def set_trial_user_attr(self, *args: Any, **kwargs: Any) -> Any:
+        return super().set_trial_user_attr(*args, **kwargs)
+
+    @retry_transient
+    def set_trial_system_attr(self, *args: Any, **kwargs: Any) -> Any:
+        return super().set_trial_system_attr(*args, **kwargs)
+
+    @retry_transient
+    def get_trial(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_trial(*args, **kwargs)
+
+    @retry_transient
+    def get_all_trials(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_all_trials(*args, **kwargs)
+
+    @retry_transient
+    def get_best_trial(self, *args: Any, **kwargs: Any) -> Any:
+        return super().get_best_trial(*args, **kwargs)
+
+    @retry_transient
+    def record_heartbeat(self, *args: Any, **kwargs: Any) -> Any:
+        return super().record_heartbeat(*args, **kwargs)
+
+    @retry_transient
+    def _get_stale_trial_ids(self, *args: Any, **kwargs: Any) -> Any:
+        return super()._get_stale_trial_ids(*args, **kwargs)
 
 
 def rdb_storage(url: str, engine: EngineConfig | None = None) -> RetryingRDBStorage:
@@ -151,7 +213,7 @@ def _backend(study: optuna.Study) -> Any:
 # --- studies --------------------------------------------------------------------------------------------
 
 
-def directions_of(config: ExperimentConfig) -> list[str]:
+def directions_of(config: ExperimentConfig) -> list[Literal["minimize", "maximize"]]:
     return [o.direction for o in config.objectives]
 
 

@@ -1,24 +1,17 @@
-"""Hardware latency: backends behind one interface and a name registry, timing discipline, and a cache.
+"""Hardware latency: backends behind one interface (registered in :data:`yoloprune.registry.LATENCY_BACKENDS`),
+timing discipline, and a cache.
 
 Backends: ``onnxruntime`` (CPU; CUDA with onnxruntime-gpu), ``torch`` (CPU; CUDA fp32/fp16 with CUDA graph
 replay), ``tensorrt`` (where TensorRT is installed; not verified here) and ``remote`` (a ``yoloprune agent``
 on the target device, see :mod:`.agent`).
 """
 
-from yoloprune.evaluators.latency import (  # noqa: F401  (they register themselves)
-    onnxruntime_backend,
-    remote,
-    tensorrt_backend,
-    torch_backend,
-)
 from yoloprune.evaluators.latency.base import (
     LatencyBackend,
     LatencyResult,
     LatencySpec,
     architecture_signature,
-    backend_names,
     get_backend,
-    register_backend,
 )
 from yoloprune.evaluators.latency.measure import measure_latency
 
@@ -27,8 +20,6 @@ __all__ = [
     "LatencyResult",
     "LatencySpec",
     "architecture_signature",
-    "backend_names",
     "get_backend",
     "measure_latency",
-    "register_backend",
 ]

@@ -1,4 +1,5 @@
-"""The latency-backend extension point: a small ABC, a name registry, and the measurement records."""
+"""The latency-backend extension point: a small ABC (registered in :data:`yoloprune.registry.LATENCY_BACKENDS`),
+and the measurement records."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from torch import nn
 
-from yoloprune.errors import BackendUnavailableError, ConfigError, did_you_mean
+from yoloprune.errors import BackendUnavailableError
+from yoloprune.registry import LATENCY_BACKENDS
 
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -94,7 +96,8 @@ class LatencyResult:
 
 
 class LatencyBackend(abc.ABC):
-    """Measures the latency of a model on one runtime. Subclasses register with :func:`register_backend`."""
+    """Measures the latency of a model on one runtime. Subclasses are registered in
+    :data:`yoloprune.registry.LATENCY_BACKENDS` (``@LATENCY_BACKENDS.register("name")``) under their ``name``."""
 
     #: registry name, e.g. ``onnxruntime``
     name: ClassVar[str]
@@ -132,27 +135,10 @@ def importable(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-_BACKENDS: dict[str, type[LatencyBackend]] = {}
-
-
-def register_backend(cls: type[LatencyBackend]) -> type[LatencyBackend]:
-    """Class decorator: make a backend available by its ``name``."""
-    _BACKENDS[cls.name] = cls
-    return cls
-
-
-def backend_names() -> list[str]:
-    return sorted(_BACKENDS)
-
-
 def get_backend(name: str, **options: Any) -> LatencyBackend:
-    """An instance of the backend registered as ``name`` (``options`` go to its constructor); clear errors
-    for unknown or unavailable ones."""
-    if name not in _BACKENDS:
-        raise ConfigError(
-            f"unknown latency backend '{name}'.{did_you_mean(name, _BACKENDS)} Known: {', '.join(backend_names())}."
-        )
-    cls = _BACKENDS[name]
+    """An instance of the backend registered as ``name`` in :data:`yoloprune.registry.LATENCY_BACKENDS`
+    (``options`` go to its constructor); clear errors for unknown or unavailable ones."""
+    cls: type[LatencyBackend] = LATENCY_BACKENDS.get(name)
     if not cls.available():
         raise BackendUnavailableError(f"latency backend '{name}' needs {cls.requires}, which is not installed here.")
     return cls(**options)

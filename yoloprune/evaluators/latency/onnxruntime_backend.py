@@ -18,12 +18,10 @@ from yoloprune.evaluators.latency.base import (
     LatencyResult,
     LatencySpec,
     importable,
-    register_backend,
 )
 from yoloprune.evaluators.latency.stats import time_until_stable
 
 
-@register_backend
 class OnnxRuntimeBackend(LatencyBackend):
     name = "onnxruntime"
     requires = "onnxruntime (installed with yoloprune; onnxruntime-gpu for CUDA)"

@@ -12,10 +12,9 @@ from pathlib import Path
 from torch import nn
 
 from yoloprune.errors import EvaluatorError
-from yoloprune.evaluators.latency.base import LatencyBackend, LatencyResult, LatencySpec, register_backend
+from yoloprune.evaluators.latency.base import LatencyBackend, LatencyResult, LatencySpec
 
 
-@register_backend
 class RemoteBackend(LatencyBackend):
     """Times models on a device running ``yoloprune agent``.
 

@@ -24,14 +24,12 @@ from yoloprune.evaluators.latency.base import (
     LatencyResult,
     LatencySpec,
     importable,
-    register_backend,
 )
 from yoloprune.evaluators.latency.stats import time_until_stable
 
 WORKSPACE_BYTES = 1 << 30
 
 
-@register_backend
 class TensorRTBackend(LatencyBackend):
     name = "tensorrt"
     requires = "TensorRT (pip install -e '.[tensorrt]' on the target, with a CUDA GPU)"

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from yoloprune.evaluators.latency.base import LatencyBackend, LatencyResult, LatencySpec, register_backend
+from yoloprune.evaluators.latency.base import LatencyBackend, LatencyResult, LatencySpec
 from yoloprune.evaluators.latency.stats import time_until_stable
 
 
-@register_backend
 class TorchBackend(LatencyBackend):
     name = "torch"
     requires = "torch"
