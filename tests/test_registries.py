@@ -7,6 +7,7 @@ import importlib
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ from yoloprune.registry import (
     UnknownNameError,
 )
 
-MINIMAL = {
+MINIMAL: dict[str, Any] = {
     "name": "t",
     "model": "yolov8n.yaml",
     "data": "data.yaml",
@@ -106,7 +107,7 @@ print(",".join(m for m in ("torch", "torch_pruning") if m in sys.modules))
 # --- config keys name the closest entry -----------------------------------------------------------------
 
 
-def _with(key: str, value: str) -> dict:
+def _with(key: str, value: str) -> dict[str, Any]:
     if key == "space.importance":
         return {**MINIMAL, "space": {**MINIMAL["space"], "importance": value}}
     if key == "targets[].backend":

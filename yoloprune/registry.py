@@ -81,7 +81,7 @@ class Registry(Generic[T]):
             module, _, attribute = entry.partition(":")
             entry = getattr(importlib.import_module(module), attribute)
             self._entries[name] = entry
-        return entry  # type: ignore[return-value]
+        return entry
 
 
 #: Latency backends (``targets[].backend``): classes of :class:`yoloprune.evaluators.latency.base.LatencyBackend`.
