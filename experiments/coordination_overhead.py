@@ -45,7 +45,7 @@ def _config(name: str, url: str, trials: int) -> Any:
     return config_from_dict({
         "name": name, "model": "yolov8n.yaml", "data": "unused.yaml", "storage": url,
         "space": {"ratios": {s: {"low": 0.05, "high": 0.6} for s in STAGES}},
-        "engine": {"sampler": "random", "heartbeat_s": 5, "grace_s": 30},
+        "engine": {"sampler": "random", "workers": {"heartbeat_s": 5, "grace_s": 30}},
         "budget": {"trials": trials}, "output": tempfile.mkdtemp(prefix="yp-bench-"),
     })  # fmt: skip
 

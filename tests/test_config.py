@@ -143,3 +143,17 @@ def test_the_long_fine_tune_recipe_applies_over_the_proxy_overrides():
         "lr0": 0.01,
     }
     assert FinetuneConfig(long={}).for_long(3).overrides == {"close_mosaic": 1}  # the proxy's recipe, mosaic once
+
+
+def test_engine_keys_of_earlier_versions_are_read_into_their_sections():
+    from yoloprune.config import config_from_dict
+
+    raw = {
+        "name": "legacy", "model": "yolov8n.yaml", "data": "d.yaml", "space": {"ratios": {"neck": 0.3}},
+        "engine": {"nni_tuner": "random", "trial_concurrency": 2, "heartbeat_s": 3, "grace_s": 9, "max_retries": 1},
+    }  # fmt: skip
+    engine = config_from_dict(raw).engine
+    assert (engine.nni.tuner, engine.nni.trial_concurrency) == ("random", 2)
+    assert (engine.workers.heartbeat_s, engine.workers.grace_s, engine.workers.max_retries) == (3, 9, 1)
+    with pytest.raises(ConfigError, match=r"engine.workers: grace_s \(3\) must exceed heartbeat_s \(3\)"):
+        config_from_dict({**raw, "engine": {"workers": {"heartbeat_s": 3, "grace_s": 3}}})

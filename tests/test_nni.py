@@ -70,7 +70,7 @@ def test_experiment_id_is_stable_valid_and_distinct(tmp_path):
 
 
 def test_optuna_tuner_asks_the_configured_sampler_and_learns_from_metric_dicts(tmp_path):
-    cfg = _cfg(tmp_path, "tuner", engine={"sampler": "tpe", "seed": 0, "startup_trials": 2, "nni_tuner": "optuna"})
+    cfg = _cfg(tmp_path, "tuner", engine={"sampler": "tpe", "seed": 0, "startup_trials": 2, "nni": {"tuner": "optuna"}})
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg.model_dump(mode="json")))
     tuner = nni_engine.OptunaTuner(str(path))
@@ -127,7 +127,7 @@ def _cfg(tmp_path: Path, name: str, **changes: Any):
 
 def _write_config(tmp_path: Path, data_yaml: Path, name: str, **changes: Any) -> Path:
     """The end-to-end tests' tiny config, with NNI's TPE and a 2-epoch fine-tune (one intermediate result each)."""
-    defaults = {"finetune": {"epochs": 2, "batch": 8, "bn_batches": 1}, "engine": {"nni_tuner": "tpe", "seed": 1}}
+    defaults = {"finetune": {"epochs": 2, "batch": 8, "bn_batches": 1}, "engine": {"nni": {"tuner": "tpe"}, "seed": 1}}
     return _config(tmp_path, data_yaml, name, **{**defaults, **changes})
 
 
@@ -258,7 +258,7 @@ def test_nni_failed_trials_show_failed_and_bad_input_is_clear(tmp_path, tiny_dat
         targets=[target],
         objectives=[{"metric": "map50_95", "direction": "maximize"}],
         budget={"trials": 2},
-        engine={"nni_tuner": "random", "seed": 0},
+        engine={"nni": {"tuner": "random"}, "seed": 0},
     )
     cfg = load_config(cfg_path)
     port = _free_port()

@@ -88,7 +88,7 @@ from yoloprune.config import config_from_dict
 from yoloprune.errors import ConfigError
 raw = {"name": "t", "model": "yolov8n.yaml", "data": "data.yaml",
        "space": {"ratios": {"neck": 0.3}, "importance": ["l1", "bn_scale"]},
-       "engine": {"sampler": "nsga2", "pruner": "median", "nni_tuner": "optuna"},
+       "engine": {"sampler": "nsga2", "pruner": "median", "nni": {"tuner": "optuna"}},
        "targets": [{"name": "cpu", "backend": "torch"}, {"name": "dev", "backend": "remote", "url": "http://x"}]}
 config_from_dict(raw)
 try:
@@ -115,14 +115,17 @@ def _with(key: str, value: str) -> dict[str, Any]:
             **MINIMAL,
             "targets": [{"name": "a", "backend": value, **({"url": "http://x"} if value == "remote" else {})}],
         }
-    section, field = key.split(".")
-    return {**MINIMAL, section: {field: value}}
+    *sections, field = key.split(".")
+    nested: dict[str, Any] = {field: value}
+    for section in reversed(sections[1:]):
+        nested = {section: nested}
+    return {**MINIMAL, sections[0]: nested}
 
 
 KEYS = {  # config key -> its registry, and a typo with the entry it should suggest
     "engine.sampler": (SEARCH_METHODS, "tpee", "tpe"),
     "engine.pruner": (PRUNERS, "mediam", "median"),
-    "engine.nni_tuner": (NNI_TUNERS, "evolutoin", "evolution"),
+    "engine.nni.tuner": (NNI_TUNERS, "evolutoin", "evolution"),
     "space.importance": (IMPORTANCES, "bn_scal", "bn_scale"),
     "targets[].backend": (LATENCY_BACKENDS, "onnxruntim", "onnxruntime"),
 }

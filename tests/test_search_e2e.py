@@ -112,7 +112,7 @@ def test_killed_search_resumes_without_losing_a_trial(tmp_path, tiny_data):
         finetune={"epochs": 4, "batch": 8, "bn_batches": 1},
         constraints=[],
         budget={"trials": 3},
-        engine={"sampler": "random", "seed": 1, "heartbeat_s": 1, "grace_s": 2},
+        engine={"sampler": "random", "seed": 1, "workers": {"heartbeat_s": 1, "grace_s": 2}},
     )
     proc = subprocess.Popen(
         [*CLI, "search", str(cfg_path), "--no-progress"],

@@ -36,7 +36,7 @@ def test_three_workers_share_a_study_and_survive_a_killed_one(tmp_path, tiny_dat
         tmp_path, tiny_data, "shared",
         finetune={"epochs": 3, "batch": 8, "bn_batches": 1},
         constraints=[], targets=[], objectives=[{"metric": "map50_95", "direction": "maximize"}],
-        engine={"sampler": "random", "seed": 0, "heartbeat_s": 1, "grace_s": GRACE_S, "max_retries": 2},
+        engine={"sampler": "random", "seed": 0, "workers": {"heartbeat_s": 1, "grace_s": GRACE_S, "max_retries": 2}},
         budget={"trials": 6},
     )  # fmt: skip
     # Three workers on two cores: without a passive OpenMP wait policy each runs ~10x slower (README).

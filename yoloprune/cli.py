@@ -510,8 +510,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_db(args: argparse.Namespace) -> int:
     from yoloprune.config import load_config
-    from yoloprune.storage.optuna_adapter import upgrade_optuna_schema
     from yoloprune.storage.db import SCHEMA_VERSION, Store, engine_for, schema_version
+    from yoloprune.storage.optuna_adapter import upgrade_optuna_schema
 
     if args.storage:
         url = args.storage

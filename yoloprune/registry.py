@@ -147,7 +147,7 @@ PRUNERS: Registry[Any] = Registry(
     },
 )
 
-#: Tuners ``yoloprune nni`` gives NNI (``engine.nni_tuner``): :class:`yoloprune.search.nni_engine.NniTuner`.
+#: Tuners ``yoloprune nni`` gives NNI (``engine.nni.tuner``): :class:`yoloprune.search.nni_engine.NniTuner`.
 NNI_TUNERS: Registry[Any] = Registry(
     "NNI tuner",
     {

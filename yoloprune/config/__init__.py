@@ -15,8 +15,10 @@ from yoloprune.config.schema import (
     LatencyTarget,
     LocalTarget,
     ModelSource,
+    NniConfig,
     RemoteTarget,
     ScreenConfig,
+    WorkersConfig,
     latency_target,
 )
 
@@ -32,10 +34,12 @@ __all__ = [
     "LatencyTarget",
     "LocalTarget",
     "ModelSource",
+    "NniConfig",
     "Objective",
     "RemoteTarget",
     "RewardConfig",
     "ScreenConfig",
+    "WorkersConfig",
     "config_from_dict",
     "latency_target",
     "load_config",

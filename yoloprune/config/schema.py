@@ -162,6 +162,55 @@ class CostTarget(_Section):
         return latency_target_of(self.metric)
 
 
+class NniConfig(_Section):
+    """How ``yoloprune nni`` runs the search as an NNI experiment.
+
+    Attributes:
+        tuner: the tuner NNI gets: its ``tpe``, ``evolution`` or ``random`` (they maximise the scalar
+            reward), or ``optuna``: this engine's sampler (``engine.sampler``) on the objectives and
+            constraints, wrapped as an NNI tuner (:data:`yoloprune.registry.NNI_TUNERS`).
+        trial_concurrency: NNI trials run at once on this machine.
+    """
+
+    tuner: str = "tpe"
+    trial_concurrency: int = Field(1, ge=1)
+
+    @field_validator("tuner")
+    @classmethod
+    def _known_tuner(cls, v: str) -> str:
+        return NNI_TUNERS.check(v)
+
+
+class WorkersConfig(_Section):
+    """How workers sharing a study find each other's dead trials.
+
+    Attributes:
+        heartbeat_s: how often a running trial tells the database it is alive (seconds).
+        grace_s: a running trial silent for this long belongs to a dead worker: it is failed and retried.
+        max_retries: how many times an interrupted trial is queued again.
+    """
+
+    heartbeat_s: int = Field(10, ge=1)
+    grace_s: int = Field(60, ge=2)
+    max_retries: int = Field(2, ge=0)
+
+    @model_validator(mode="after")
+    def _grace_after_heartbeat(self) -> WorkersConfig:
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"grace_s ({self.grace_s}) must exceed heartbeat_s ({self.heartbeat_s})")
+        return self
+
+
+#: Keys of ``engine`` before it had ``nni`` and ``workers`` sections: still read, into their sections.
+_MOVED = {
+    "nni_tuner": ("nni", "tuner"),
+    "trial_concurrency": ("nni", "trial_concurrency"),
+    "heartbeat_s": ("workers", "heartbeat_s"),
+    "grace_s": ("workers", "grace_s"),
+    "max_retries": ("workers", "max_retries"),
+}
+
+
 class EngineConfig(_Section):
     """Which search engine samples candidates, and how.
 
@@ -176,29 +225,36 @@ class EngineConfig(_Section):
             :data:`yoloprune.registry.SEARCH_METHODS`.
         screen: cheap screening of many candidates before the proxy fine-tunes (needs a ``cost_target``).
         seed: sampler seed (None: random).
+        startup_trials: trials sampled at random before TPE models the space, and before the pruner acts.
         pruner: stop hopeless trials on their per-epoch mAP: ``none``, ``median``, ``successive_halving``
             or ``hyperband`` (:data:`yoloprune.registry.PRUNERS`).
-        startup_trials: trials sampled at random before TPE models the space, and before the pruner acts.
-        nni_tuner: the tuner ``yoloprune nni`` gives NNI: its ``tpe``, ``evolution`` or ``random`` (they
-            maximise the scalar reward), or ``optuna``: this engine's sampler (``sampler``) on the
-            objectives and constraints, wrapped as an NNI tuner (:data:`yoloprune.registry.NNI_TUNERS`).
-        trial_concurrency: NNI trials run at once on this machine.
-        heartbeat_s: how often a running trial tells the database it is alive (seconds).
-        grace_s: a running trial silent for this long belongs to a dead worker: it is failed and retried.
-        max_retries: how many times an interrupted trial is queued again.
+        nni: the NNI engine (:class:`NniConfig`).
+        workers: heartbeats and retries of workers sharing a study (:class:`WorkersConfig`).
+
+    The flat keys of earlier versions (``nni_tuner``, ``trial_concurrency``, ``heartbeat_s``, ``grace_s``,
+    ``max_retries``) are still read, into their sections.
     """
 
     name: Literal["optuna"] = "optuna"
     sampler: str = "tpe"
     screen: ScreenConfig | None = None
     seed: int | None = 0
-    pruner: str = "none"
     startup_trials: int = Field(4, ge=0)
-    nni_tuner: str = "tpe"
-    trial_concurrency: int = Field(1, ge=1)
-    heartbeat_s: int = Field(10, ge=1)
-    grace_s: int = Field(60, ge=2)
-    max_retries: int = Field(2, ge=0)
+    pruner: str = "none"
+    nni: NniConfig = Field(default_factory=NniConfig)
+    workers: WorkersConfig = Field(default_factory=WorkersConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections_of_flat_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not _MOVED.keys() & data.keys():
+            return data
+        out = {k: v for k, v in data.items() if k not in _MOVED}
+        for key, (section, field) in _MOVED.items():
+            if key in data:
+                current = out.get(section)
+                out[section] = {**(current if isinstance(current, dict) else {}), field: data[key]}
+        return out
 
     @field_validator("sampler")
     @classmethod
@@ -209,17 +265,6 @@ class EngineConfig(_Section):
     @classmethod
     def _known_pruner(cls, v: str) -> str:
         return PRUNERS.check(v)
-
-    @field_validator("nni_tuner")
-    @classmethod
-    def _known_nni_tuner(cls, v: str) -> str:
-        return NNI_TUNERS.check(v)
-
-    @model_validator(mode="after")
-    def _grace_after_heartbeat(self) -> EngineConfig:
-        if self.grace_s <= self.heartbeat_s:
-            raise ValueError(f"grace_s ({self.grace_s}) must exceed heartbeat_s ({self.heartbeat_s})")
-        return self
 
 
 class BudgetConfig(_Section):

@@ -174,7 +174,7 @@ def start(config: ExperimentConfig, *, port: int = 8080, verbose: bool = False) 
     c.search_space = space
     c.trial_command = f"{shlex.quote(sys.executable)} -m yoloprune.search.nni_engine {shlex.quote(str(config_file))}"
     c.trial_code_directory = str(work)
-    c.trial_concurrency = config.engine.trial_concurrency
+    c.trial_concurrency = config.engine.nni.trial_concurrency
     if config.budget.trials is not None:
         c.max_trial_number = config.budget.trials
     if config.budget.timeout_s is not None:
@@ -193,7 +193,7 @@ def _set_tuner(exp: Experiment, config: ExperimentConfig, config_file: Path) -> 
     from nni.experiment.config import AlgorithmConfig, CustomAlgorithmConfig
 
     engine = config.engine
-    tuner: NniTuner = NNI_TUNERS.get(engine.nni_tuner)
+    tuner: NniTuner = NNI_TUNERS.get(engine.nni.tuner)
     if tuner.custom:
         exp.config.tuner = CustomAlgorithmConfig(
             class_name=tuner.algorithm,

@@ -149,7 +149,7 @@ def _optimize(
     bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
     stopper = _Stopper(done + remaining if remaining is not None else None, bar, exp.store, worker)
     state = "interrupted"
-    reaper = _Reaper(study, config.engine.heartbeat_s)
+    reaper = _Reaper(study, config.engine.workers.heartbeat_s)
     with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]), reaper:
         try:
             study.optimize(

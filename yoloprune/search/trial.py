@@ -138,7 +138,7 @@ class TrialEvaluation:
         self.cfg = session.exp.config
         self.reporter = reporter
         self.targeting = targeting
-        self.duplicates = duplicates or WaitForTwin(self.cfg.engine.heartbeat_s)
+        self.duplicates = duplicates or WaitForTwin(self.cfg.engine.workers.heartbeat_s)
         self.display = display
         self.epoch_hook = epoch_hook
         self.cost_constraints = [c for c in self.cfg.constraints if c.on_cost]

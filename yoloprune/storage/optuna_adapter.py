@@ -27,7 +27,8 @@ from optuna.storages import RDBStorage
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from yoloprune.config import EngineConfig, ExperimentConfig
+from yoloprune.config import ExperimentConfig
+from yoloprune.config.schema import WorkersConfig
 from yoloprune.errors import ConfigError, InternalError, StorageError
 from yoloprune.log import get_logger
 from yoloprune.storage.db import normalize_url, retry_transient
@@ -157,18 +158,18 @@ class RetryingRDBStorage(RDBStorage):
         return super()._get_stale_trial_ids(*args, **kwargs)
 
 
-def rdb_storage(url: str, engine: EngineConfig | None = None) -> RetryingRDBStorage:
-    """Optuna's storage on ``url``, retrying transient errors; with ``engine``, trials send heartbeats.
+def rdb_storage(url: str, workers: WorkersConfig | None = None) -> RetryingRDBStorage:
+    """Optuna's storage on ``url``, retrying transient errors; with ``workers``, trials send heartbeats.
 
-    A trial whose worker stops sending heartbeats for ``engine.grace_s`` is failed by the next worker
-    that looks (:func:`fail_stale`) and queued again, up to ``engine.max_retries`` times.
+    A trial whose worker stops sending heartbeats for ``workers.grace_s`` is failed by the next worker
+    that looks (:func:`fail_stale`) and queued again, up to ``workers.max_retries`` times.
     """
     heartbeat: dict[str, Any] = {}
-    if engine is not None:
+    if workers is not None:
         heartbeat = {
-            "heartbeat_interval": engine.heartbeat_s,
-            "grace_period": engine.grace_s,
-            "heartbeat_stale_trial_callback": RetryStale(engine.max_retries),
+            "heartbeat_interval": workers.heartbeat_s,
+            "grace_period": workers.grace_s,
+            "heartbeat_stale_trial_callback": RetryStale(workers.max_retries),
         }
     for attempt in range(6):
         try:
@@ -226,7 +227,7 @@ def load_study(
         raise ConfigError(
             f"no search named '{config.name}': {url} does not exist. Run `yoloprune search CONFIG` first."
         )
-    storage = rdb_storage(url, config.engine if heartbeats else None)
+    storage = rdb_storage(url, config.engine.workers if heartbeats else None)
     try:
         return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
     except KeyError:
@@ -237,7 +238,7 @@ def load_study(
 
 def create_study(config: ExperimentConfig, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
     """Create the experiment's study, or load it: several workers may call this at once on a shared database."""
-    storage = rdb_storage(config.storage_url, config.engine)
+    storage = rdb_storage(config.storage_url, config.engine.workers)
     directions = directions_of(config)
     try:
         study = optuna.create_study(
@@ -379,7 +380,7 @@ class RetryStale:
 
 
 def heartbeats_on(study: optuna.Study) -> bool:
-    """The study's trials send heartbeats (an RDB storage opened with an engine config)."""
+    """The study's trials send heartbeats (an RDB storage opened with a workers config)."""
     backend = _backend(study)
     return isinstance(backend, RDBStorage) and backend.get_heartbeat_interval() is not None
 
