@@ -105,7 +105,11 @@ def test_every_retried_storage_call_exists_on_rdb_storage():
 
     from yoloprune.storage.optuna_adapter import RetryingRDBStorage
 
-    retried = [n for n, v in vars(RetryingRDBStorage).items() if callable(v) and n not in ("set_trial_attrs", "note_on_finished_trial")]
+    retried = [
+        n
+        for n, v in vars(RetryingRDBStorage).items()
+        if callable(v) and n not in ("set_trial_attrs", "note_on_finished_trial")
+    ]
     assert len(retried) >= 21
     for name in retried:
         assert callable(getattr(RDBStorage, name, None)), f"RDBStorage.{name} is gone"

@@ -165,9 +165,7 @@ def _optuna_internals(path: Path) -> list[str]:
 
 
 def test_only_the_adapter_touches_optuna_internals():
-    offenders = {
-        m: found for m, p in _modules().items() if m != ADAPTER and (found := _optuna_internals(p))
-    }
+    offenders = {m: found for m, p in _modules().items() if m != ADAPTER and (found := _optuna_internals(p))}
     assert offenders == {}
 
 

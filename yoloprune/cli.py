@@ -282,7 +282,9 @@ def _cmd_latency(args: argparse.Namespace) -> int:
                   "batch": args.batch, "imgsz": args.imgsz}  # fmt: skip
         if args.backend == "remote":
             if not args.url:
-                raise ConfigError("--backend remote measures on a device's `yoloprune agent`: give its agent's url (--url).")
+                raise ConfigError(
+                    "--backend remote measures on a device's `yoloprune agent`: give its agent's url (--url)."
+                )
             fields |= {"url": args.url, "remote_backend": args.remote_backend}
         elif args.url:
             raise ConfigError("--url is for --backend remote (a device's `yoloprune agent`).")
