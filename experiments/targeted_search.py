@@ -26,7 +26,7 @@ import pandas as pd
 
 from yoloprune.config import config_from_dict
 from yoloprune.demo import DEMO_EXPERIMENT
-from yoloprune.experiment import prepare, start_session
+from yoloprune.experiment import open_session
 from yoloprune.experiment.builtin import FULL, base_model_path
 from yoloprune.offline import ultralytics_quiet
 from yoloprune.search.optuna_engine import open_study
@@ -124,10 +124,9 @@ def _long(best_of: dict[str, tuple[Any, int]], epochs: int) -> None:
         if candidate.key() in done:
             rows.append({"best of": label, "trial": number, f"mAP50-95 after {epochs} epochs": done[candidate.key()]})
             continue
-        exp = prepare(config)
         long = config.finetune.model_copy(update={"epochs": epochs, "skip_infeasible": False})
         with ultralytics_quiet():
-            session = start_session(exp, measure_latency=False, finetune=long)
+            session = open_session(config, measure_latency=False, finetune=long)
             result = session.evaluator.evaluate(candidate, name=f"long_{number:04d}")
         done[candidate.key()] = result.raw["map50_95"]
         rows.append({"best of": label, "trial": number, f"mAP50-95 after {epochs} epochs": result.raw["map50_95"]})

@@ -213,9 +213,7 @@ def _save_model(
         metadata={
             "experiment": config.name,
             "trial": trial.number,
-            "ratios": candidate.ratios,
-            "importance": candidate.importance,
-            "round_to": candidate.round_to,
+            **candidate.as_dict(),
             "metrics": metrics,
         },
     )

@@ -107,6 +107,13 @@ def start_session(exp: Experiment, *, measure_latency: bool = True, finetune: Fi
     return Session(exp, evaluator, baseline, measured)
 
 
+def open_session(
+    config: ExperimentConfig, *, measure_latency: bool = True, finetune: FinetuneConfig | None = None
+) -> Session:
+    """:func:`prepare` the experiment, then :func:`start_session` on it: what every command that evaluates needs."""
+    return start_session(prepare(config), measure_latency=measure_latency, finetune=finetune)
+
+
 def experiment_baseline(exp: Experiment, evaluator: ProxyEvaluator) -> dict[str, Any]:
     """The unpruned model's stored metrics, evaluated and stored on first use."""
     stored = exp.store.baseline(exp.experiment_id, exp.baseline_key)

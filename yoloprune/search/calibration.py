@@ -341,7 +341,7 @@ def _reward(record: TrialRecord) -> float:
 def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs: int) -> dict[int, dict[str, float]]:
     """Fine-tune each trial's candidate ``epochs`` with the long fine-tune's recipe (the export's,
     ``finetune.long``); stored one by one, resumed if stored."""
-    from yoloprune.experiment import prepare, start_session
+    from yoloprune.experiment import open_session
     from yoloprune.offline import ultralytics_quiet
     from yoloprune.search.optuna_engine import open_study
 
@@ -355,9 +355,8 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
     todo = [t for t in trials if t.number not in done]
     results = {t.number: done[t.number] for t in trials if t.number in done}
     if todo:
-        exp = prepare(config)
         with ultralytics_quiet():
-            session = start_session(exp, measure_latency=False, finetune=long)
+            session = open_session(config, measure_latency=False, finetune=long)
             for t in todo:
                 start = time.perf_counter()
                 rec = TrialRecord.from_frozen(t)

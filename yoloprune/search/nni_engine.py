@@ -37,7 +37,7 @@ from yoloprune.log import get_logger
 from yoloprune.offline import ultralytics_quiet
 from yoloprune.registry import NNI_TUNERS
 from yoloprune.search.optuna_engine import EpochReporter, make_sampler, open_study
-from yoloprune.spaces import RatioRange, SearchSpace
+from yoloprune.spaces import SearchSpace
 from yoloprune.storage.optuna_adapter import (
     fail_trial,
     load_study,
@@ -112,13 +112,12 @@ def _short_hash(text: str) -> str:
 def nni_search_space(space: SearchSpace) -> dict[str, dict[str, Any]]:
     """The search space in NNI's format; parameter names are the Optuna engine's."""
     out: dict[str, dict[str, Any]] = {}
-    for name, r in space.ratios.items():
-        if isinstance(r, RatioRange) and r.low != r.high:
-            out[f"ratio.{name}"] = (
-                {"_type": "quniform", "_value": [r.low, r.high, r.step]}
-                if r.step
-                else {"_type": "uniform", "_value": [r.low, r.high]}
-            )
+    for name, r in space.searched().items():
+        out[f"ratio.{name}"] = (
+            {"_type": "quniform", "_value": [r.low, r.high, r.step]}
+            if r.step
+            else {"_type": "uniform", "_value": [r.low, r.high]}
+        )
     for key, choices in (("importance", space.importance), ("round_to", space.round_to)):
         if isinstance(choices, list):
             out[key] = {"_type": "choice", "_value": list(choices)}
@@ -211,12 +210,11 @@ def _set_tuner(exp: Experiment, config: ExperimentConfig, config_file: Path) -> 
 
 def _prepare_baseline(config: ExperimentConfig, verbose: bool) -> None:
     """Create the study and store the baseline once, so trial processes only read it."""
-    from yoloprune.experiment import prepare, start_session
+    from yoloprune.experiment import open_session
 
-    exp = prepare(config)
     open_study(config)
     with ultralytics_quiet(not verbose):
-        start_session(exp, measure_latency=False)
+        open_session(config, measure_latency=False)
 
 
 def resume(config: ExperimentConfig, *, port: int = 8080, exp_id: str | None = None) -> Launched:
@@ -424,11 +422,11 @@ def _evaluate(config: ExperimentConfig, study: optuna.Study, trial: optuna.Trial
     """The trial's evaluation, as the Optuna engine runs it, reporting each epoch to NNI's assessors."""
     import nni
 
-    from yoloprune.experiment import prepare, start_session
+    from yoloprune.experiment import open_session
     from yoloprune.search.targeting import session_targeting
     from yoloprune.search.trial import NoDisplay, TrialEvaluation
 
-    session = start_session(prepare(config))
+    session = open_session(config)
     record_baseline_latency(study, session.baseline_latency)
     evaluation = TrialEvaluation(
         session,

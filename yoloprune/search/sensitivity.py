@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.log import get_logger
-from yoloprune.spaces import Candidate, RatioRange
+from yoloprune.spaces import Candidate
 from yoloprune.storage.optuna_adapter import enqueue
 from yoloprune.storage.record import TrialRecord
 
@@ -44,10 +44,6 @@ class StageSensitivity:
     latency_reduction: float | None  # on the first latency target, when there is one
 
 
-def searched_stages(config: ExperimentConfig) -> dict[str, RatioRange]:
-    return config.space.searched()
-
-
 def scan(
     config: ExperimentConfig,
     *,
@@ -66,7 +62,7 @@ def scan(
     from yoloprune.offline import ultralytics_quiet
     from yoloprune.search.optuna_engine import open_study
 
-    stages = searched_stages(config)
+    stages = config.space.searched()
     if not stages:
         raise ConfigError("the search space has no searched stage ratio to scan.")
     if ratio is not None and not 0 < ratio < 0.95:
@@ -121,7 +117,7 @@ def warm_start_params(config: ExperimentConfig, rows: list[StageSensitivity], n:
     A stage's sensitivity is its mAP drop per FLOP saved, scaled to [0, 1] across stages; candidate k
     (of n) prunes a stage at ``low + (high - low) * (k / n) * (1 - sensitivity)``, snapped to the grid.
     """
-    stages = searched_stages(config)
+    stages = config.space.searched()
     by_stage = {r.stage: r for r in rows}
     missing = sorted(set(stages) - set(by_stage))
     if missing:
@@ -175,7 +171,7 @@ def measure_curves(
     Every score is stored on the study as it is measured (``sensitivity_curve:<stage>:<ratio>``), so an
     interrupted measurement resumes where it stopped.
     """
-    stages = searched_stages(config)
+    stages = config.space.searched()
     importance, round_to = config.space.importances[0], config.space.round_tos[0]
     stored = study.user_attrs
     plan: list[tuple[str, float]] = [("base", 0.0)]

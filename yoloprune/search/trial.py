@@ -239,9 +239,7 @@ class TrialEvaluation:
             metadata={
                 "experiment": self.cfg.name,
                 "trial": trial.number,
-                "ratios": candidate.ratios,
-                "importance": candidate.importance,
-                "round_to": candidate.round_to,
+                **candidate.as_dict(),
                 "metrics": metrics,
             },
         )

@@ -13,7 +13,6 @@ import optuna
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
-from yoloprune.spaces import RatioRange
 from yoloprune.storage.optuna_adapter import enqueue
 from yoloprune.storage.record import TrialRecord
 
@@ -22,9 +21,7 @@ def uniform_params(config: ExperimentConfig, ratio: float) -> dict[str, object]:
     """Trial parameters giving every searched stage ``ratio`` (and the first choice of each other knob)."""
     space = config.space
     params: dict[str, object] = {}
-    for name, r in space.ratios.items():
-        if not isinstance(r, RatioRange) or r.low == r.high:
-            continue  # a fixed stage keeps its fixed ratio
+    for name, r in space.searched().items():  # a fixed stage keeps its fixed ratio
         on_grid = r.step is None or math.isclose(
             (ratio - r.low) / r.step, round((ratio - r.low) / r.step), abs_tol=1e-6
         )

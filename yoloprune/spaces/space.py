@@ -150,9 +150,7 @@ class SearchSpace(BaseModel):
 
     def grid(self) -> dict[str, list[Any]]:
         """Every parameter's grid values, for a grid sampler."""
-        grid: dict[str, list[Any]] = {
-            f"ratio.{n}": r.values() for n, r in self.ratios.items() if isinstance(r, RatioRange) and r.low != r.high
-        }
+        grid: dict[str, list[Any]] = {f"ratio.{n}": r.values() for n, r in self.searched().items()}
         if isinstance(self.importance, list):
             grid["importance"] = list(self.importance)
         if isinstance(self.round_to, list):
@@ -165,9 +163,7 @@ class SearchSpace(BaseModel):
         Raises :class:`SearchSpaceError` for a missing parameter or a categorical value not in the space.
         """
         out: dict[str, Any] = {}
-        for name, r in self.ratios.items():
-            if not isinstance(r, RatioRange) or r.low == r.high:
-                continue
+        for name, r in self.searched().items():
             key = f"ratio.{name}"
             if key not in params:
                 raise SearchSpaceError(f"parameters {sorted(params)} lack '{key}'; they do not come from this space.")
