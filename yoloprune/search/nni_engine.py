@@ -210,11 +210,12 @@ def _set_tuner(exp: Experiment, config: ExperimentConfig, config_file: Path) -> 
 
 def _prepare_baseline(config: ExperimentConfig, verbose: bool) -> None:
     """Create the study and store the baseline once, so trial processes only read it."""
-    from yoloprune.experiment import open_session
+    from yoloprune.experiment import prepare, start_session
 
+    exp = prepare(config)  # first: it checks the inputs and creates the output folder the study lives in
     open_study(config)
     with ultralytics_quiet(not verbose):
-        open_session(config, measure_latency=False)
+        start_session(exp, measure_latency=False)
 
 
 def resume(config: ExperimentConfig, *, port: int = 8080, exp_id: str | None = None) -> Launched:
