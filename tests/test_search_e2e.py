@@ -279,6 +279,7 @@ def test_export_best_trial_through_the_cli(tmp_path, tiny_data, plain_env):
     out = tmp_path / "exported"
     proc = _run("export", str(cfg_path), "--epochs", "1", "--int8", "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "export fine-tune (1 epochs)" in proc.stderr and "1/1" in proc.stderr  # its progress bar
     study = _study(cfg_path)
     fastest = min(study.get_trials(), key=lambda t: t.user_attrs["metrics"]["latency_ms.cpu"])
     stem = f"exp-trial{fastest.number}"

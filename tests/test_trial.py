@@ -37,3 +37,21 @@ def test_displays_take_each_epoch_and_close():
     for display in (EpochBars(3, 2), NoDisplay(3, 2)):
         display.update({"map50_95": 0.5})
         display.close()
+
+
+def test_progress_bars_show_epochs_and_can_be_hidden(capsys):
+    from yoloprune.log import epoch_progress, progress, set_progress
+
+    with progress(2, "fine-tune") as bar:
+        on_epoch = epoch_progress(bar)
+        on_epoch(0, {"map50_95": 0.25})
+        on_epoch(1, {"map50_95": 0.5})
+    shown = capsys.readouterr().err
+    assert "fine-tune" in shown and "2/2" in shown and "mAP50-95 0.500" in shown
+    set_progress(False)
+    try:
+        with progress(2, "hidden") as bar:
+            bar.update(2)
+    finally:
+        set_progress(True)
+    assert "hidden" not in capsys.readouterr().err

@@ -1,10 +1,16 @@
-"""The package logger tree (``yoloprune.*``) and a verbosity switch."""
+"""The package logger tree (``yoloprune.*``), a verbosity switch, and progress bars that log lines print above."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 _ROOT = "yoloprune"
+_PROGRESS = {"enabled": True}
 
 
 def get_logger(name: str) -> logging.Logger:
@@ -29,3 +35,29 @@ def _ensure_handler() -> None:
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     root.propagate = False
+
+
+def set_progress(enabled: bool) -> None:
+    """Show (the default) or hide the progress bars of long steps (``--no-progress``)."""
+    _PROGRESS["enabled"] = enabled
+
+
+@contextmanager
+def progress(total: int, desc: str, unit: str = "epoch") -> Iterator[tqdm]:
+    """A progress bar for one long step (fine-tunes, scans, validation); the package's log lines print above it."""
+    with logging_redirect_tqdm(loggers=[logging.getLogger(_ROOT)]):
+        bar = tqdm(total=total, desc=desc, unit=unit, disable=not _PROGRESS["enabled"], dynamic_ncols=True)
+        try:
+            yield bar
+        finally:
+            bar.close()
+
+
+def epoch_progress(bar: tqdm) -> Callable[[int, dict[str, float]], None]:
+    """A fine-tune's ``on_epoch`` callback advancing ``bar`` and showing the epoch's mAP50-95."""
+
+    def on_epoch(_epoch: int, metrics: dict[str, float]) -> None:
+        bar.update(1)
+        bar.set_postfix_str(f"mAP50-95 {metrics['map50_95']:.3f}")
+
+    return on_epoch

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import BackendUnavailableError, ConfigError
-from yoloprune.log import get_logger
+from yoloprune.log import epoch_progress, get_logger, progress
 from yoloprune.storage.record import TrialRecord
 
 LOGGER = get_logger(__name__)
@@ -116,7 +117,6 @@ def _prune_and_finetune(
     """The trial's model pruned from the base, BN re-estimated and fine-tuned ``epochs`` (resuming unless
     ``fresh``), with the model card's record of the fine-tune."""
     from yoloprune.pruning import prune_candidate
-    from yoloprune.ultra.train import finetune
     from yoloprune.ultra.val import recalibrate_bn
 
     model: nn.Module = prune_candidate(exp.base, candidate)
@@ -124,20 +124,8 @@ def _prune_and_finetune(
     history: list[dict[str, float]] = []
     resumed_from: int | None = None
     if epochs > 0:
-        tuned = finetune(
-            model,
-            exp.data,
-            epochs=epochs,
-            imgsz=config.imgsz,
-            batch=config.finetune.batch,
-            device=exp.device,
-            project=runs,
-            name=name,
-            resume=not fresh,
-            teacher=exp.base if config.finetune.distill > 0 else None,
-            distill=config.finetune.distill,
-            **recipe,
-        )
+        with progress(epochs, f"export fine-tune ({epochs} epochs)") as bar:
+            tuned = _finetune(config, exp, model, epochs, recipe, runs, name, fresh, epoch_progress(bar))
         model, history, resumed_from = tuned.model, tuned.epochs, tuned.resumed_from
     record = {
         "epochs": epochs,
@@ -147,6 +135,37 @@ def _prune_and_finetune(
         "resumed_from_epoch": resumed_from,
     }
     return model, record
+
+
+def _finetune(
+    config: ExperimentConfig,
+    exp: Any,
+    model: nn.Module,
+    epochs: int,
+    recipe: dict[str, Any],
+    runs: Path,
+    name: str,
+    fresh: bool,
+    on_epoch: Callable[[int, dict[str, float]], None],
+) -> Any:
+    """The long fine-tune with the export's recipe (resumed unless ``fresh``), distilled from the base if configured."""
+    from yoloprune.ultra.train import finetune
+
+    return finetune(
+        model,
+        exp.data,
+        epochs=epochs,
+        imgsz=config.imgsz,
+        batch=config.finetune.batch,
+        device=exp.device,
+        project=runs,
+        name=name,
+        resume=not fresh,
+        teacher=exp.base if config.finetune.distill > 0 else None,
+        distill=config.finetune.distill,
+        on_epoch=on_epoch,
+        **recipe,
+    )
 
 
 def _validate_with_base(config: ExperimentConfig, exp: Any, model: nn.Module, runs: Path) -> tuple[Any, dict[str, Any]]:

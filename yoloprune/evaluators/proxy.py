@@ -5,6 +5,7 @@ Every phase is timed, so a benchmark can tell the framework's own overhead from 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from yoloprune.config import FinetuneConfig
 from yoloprune.data.check import DatasetInfo
 from yoloprune.errors import EvaluatorError
 from yoloprune.evaluators.hardware import HardwareEvaluator
+from yoloprune.log import progress
 from yoloprune.pruning import measure_costs, prune_candidate, prune_like
 from yoloprune.spaces import Candidate
 from yoloprune.ultra.train import EpochCallback, finetune
@@ -72,8 +74,11 @@ class ProxyEvaluator:
     def baseline(self) -> dict[str, Any]:
         """The unpruned model's metrics (no fine-tune)."""
         timings: dict[str, float] = {}
-        with _timed(timings, "validation"):
-            val = validate(self.base, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device)
+        batches = math.ceil(self.data.n_val / self.cfg.batch)
+        with _timed(timings, "validation"), progress(batches, "baseline validation", unit="batch") as bar:
+            val = validate(
+                self.base, self.data, imgsz=self.imgsz, batch=self.cfg.batch, device=self.device, on_batch=bar.update
+            )
         costs = measure_costs(self.base, self.imgsz)
         return {
             **raw_metrics(val, costs),

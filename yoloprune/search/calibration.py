@@ -28,7 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 from yoloprune.config import ExperimentConfig
 from yoloprune.config.objectives import Constraint, violations
 from yoloprune.errors import ConfigError, InternalError
-from yoloprune.log import get_logger
+from yoloprune.log import epoch_progress, get_logger, progress
 from yoloprune.storage.record import TrialRecord
 
 LOGGER = get_logger(__name__)
@@ -357,11 +357,15 @@ def measure_long(config: ExperimentConfig, trials: Sequence[FrozenTrial], epochs
     if todo:
         with ultralytics_quiet():
             session = open_session(config, measure_latency=False, finetune=long)
+        desc = f"long fine-tunes ({len(todo)} x {epochs} epochs)"
+        with ultralytics_quiet(), progress(len(todo) * epochs, desc) as bar:
             for t in todo:
                 start = time.perf_counter()
                 rec = TrialRecord.from_frozen(t)
                 candidate = config.space.candidate_of(t.params, rec)
-                result = session.evaluator.evaluate(candidate, name=f"long{epochs}_{t.number:04d}")
+                result = session.evaluator.evaluate(
+                    candidate, name=f"long{epochs}_{t.number:04d}", on_epoch=epoch_progress(bar)
+                )
                 entry: dict[str, Any] = {
                     "proxy": rec.metric("map50_95"),
                     "final": result.raw["map50_95"],
@@ -393,11 +397,11 @@ def measure_reference(config: ExperimentConfig, epochs: int, *, long: bool = Tru
         return found
     exp = prepare(config)
     start = time.perf_counter()
-    with ultralytics_quiet():
+    with ultralytics_quiet(), progress(epochs, f"reference: the base fine-tuned {epochs} epochs") as bar:
         result = finetune(
             exp.base, exp.data, epochs=epochs, imgsz=config.imgsz, batch=config.finetune.batch, device=exp.device,
             workers=config.finetune.workers, project=config.output_dir / "runs", name=f"reference{epochs}",
-            keep_run=False, **recipe,
+            keep_run=False, on_epoch=epoch_progress(bar), **recipe,
         )  # fmt: skip
     val = result.val
     value: dict[str, Any] = {

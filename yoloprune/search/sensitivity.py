@@ -16,9 +16,9 @@ from tqdm.auto import tqdm
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
-from yoloprune.log import get_logger
+from yoloprune.log import get_logger, progress
 from yoloprune.spaces import Candidate
-from yoloprune.storage.optuna_adapter import enqueue
+from yoloprune.storage.optuna_adapter import enqueue, record_baseline_latency
 from yoloprune.storage.record import TrialRecord
 
 if TYPE_CHECKING:
@@ -73,8 +73,11 @@ def scan(
     rows = []
     with ultralytics_quiet():
         session = start_session(exp, finetune=config.finetune.model_copy(update={"epochs": epochs}))
+        record_baseline_latency(study, session.baseline_latency)
+    with ultralytics_quiet(), progress(len(stages), "sensitivity scan", unit="stage") as bar:
         for name, r in stages.items():
             value = r.high if ratio is None else ratio
+            bar.set_postfix_str(f"{name} at {value:.2f}")
             result = session.evaluator.evaluate(Candidate({name: value}, importance, round_to), name=f"scan_{name}")
             m = relative_metrics(result.raw, session.baseline)
             latency = next((k for k in m if k.startswith("latency_reduction.")), None)
@@ -85,6 +88,7 @@ def scan(
                 )
             )  # fmt: skip
             LOGGER.info("stage %s at %.2f: mAP50-95 drop %.1f%%", name, value, 100 * m["map50_95_drop"])
+            bar.update(1)
     rows.sort(key=lambda s: s.map50_95_drop, reverse=True)
     study.set_user_attr(STUDY_ATTR, {"epochs": epochs, "stages": [vars(s) for s in rows]})
     return rows

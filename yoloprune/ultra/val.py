@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +75,13 @@ def validate(
     device: str = "cpu",
     workers: int = 0,
     half: bool = False,
+    on_batch: Callable[[], None] | None = None,
 ) -> ValResult:
     """mAP50, mAP50-95, precision, recall and per-class AP of ``model`` on the dataset's val split.
 
     ``model`` may also be an exported file Ultralytics runs (an ONNX, INT8 Q/DQ included); a static-batch file
     is validated at its own batch size. A module is copied first: Ultralytics fuses Conv and BN in place.
+    ``on_batch`` is called after each validation batch (a progress bar).
     """
     info = data if isinstance(data, DatasetInfo) else inspect_dataset(data)
     if isinstance(model, (str, Path)):
@@ -101,6 +103,8 @@ def validate(
             "name": "val",
         }
         validator = DetectionValidator(args=args)
+        if on_batch is not None:
+            validator.add_callback("on_val_batch_end", lambda _validator: on_batch())
         try:
             validator(model=str(model) if isinstance(model, (str, Path)) else copy.deepcopy(model).float().eval())
         except Exception as e:
