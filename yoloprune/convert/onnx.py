@@ -1,4 +1,4 @@
-"""ONNX export of (pruned) detectors through Ultralytics' own exporter, and a check of the result."""
+"""ONNX and FP16 TensorRT export of (pruned) detectors through Ultralytics' own exporter, and a check of the ONNX."""
 
 from __future__ import annotations
 
@@ -51,6 +51,24 @@ def export_onnx(
                 )
         except Exception as e:
             raise EvaluatorError(f"ONNX export failed ({type(e).__name__}: {e}).") from e
+        shutil.move(str(out), path)
+    return path
+
+
+def export_engine_fp16(model: nn.Module, path: str | Path, *, imgsz: int, device: str = "0") -> Path:
+    """An FP16 TensorRT engine (static batch 1) exactly as ``yolo export format=engine half=True`` writes it:
+    Ultralytics' exporter, with its metadata header, so ``YOLO(path)`` loads and runs it. Needs TensorRT and a GPU."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="yoloprune-engine-") as tmp:
+        ckpt = save_checkpoint(model, Path(tmp) / "model.pt")
+        try:
+            with ultralytics_quiet():
+                out = YOLO(str(ckpt)).export(
+                    format="engine", imgsz=imgsz, batch=1, dynamic=False, quantize=16, device=device, verbose=False
+                )
+        except Exception as e:
+            raise EvaluatorError(f"TensorRT engine export failed ({type(e).__name__}: {e}).") from e
         shutil.move(str(out), path)
     return path
 

@@ -91,7 +91,7 @@ def export_trial(
         card["versus_uniform"] = _versus_uniform(config, trial)
     if epochs > 0:
         card.update(_recheck(config, trial, epochs, metrics, base_raw))
-    engine_path = _build_engine(model, output / f"{stem}.fp16.engine", onnx_path, config.imgsz) if engine else None
+    engine_path = _build_engine(model, output / f"{stem}.fp16.engine", config.imgsz) if engine else None
     int8_path = int8_engine = None
     if int8:
         int8_path, int8_engine, card["int8"] = _export_int8(onnx_path, exp.data, output / stem, config.imgsz, engine)
@@ -305,18 +305,12 @@ def _check_engine_export(dynamic: bool) -> None:
         )
 
 
-def _build_engine(model: nn.Module, path: Path, onnx_path: Path, imgsz: int) -> Path:
-    """An FP16 engine for this machine's GPU (TensorRT 10: FP16 flag on the fp32 ONNX; 11: an FP16 ONNX)."""
-    from yoloprune.convert.onnx import export_onnx
-    from yoloprune.evaluators.latency.base import LatencySpec
-    from yoloprune.evaluators.latency.tensorrt_backend import TensorRTBackend, _trt_major
+def _build_engine(model: nn.Module, path: Path, imgsz: int) -> Path:
+    """An FP16 engine for this machine's GPU, by Ultralytics' exporter: what ``yolo export format=engine half=True``
+    gives, loadable by ``YOLO(path)``."""
+    from yoloprune.convert.onnx import export_engine_fp16
 
-    source = onnx_path
-    if _trt_major() >= 11:  # strongly typed networks take their precision from the ONNX
-        source = export_onnx(model, path.with_suffix(".onnx"), imgsz=imgsz, half=True, device="0")
-    spec = LatencySpec(precision="fp16", batch=1, imgsz=imgsz, device="cuda")
-    path.write_bytes(TensorRTBackend().build_engine(source, spec, timing_cache=path.with_suffix(".timing-cache")))
-    return path
+    return export_engine_fp16(model, path, imgsz=imgsz)
 
 
 def _versions() -> dict[str, str | None]:
