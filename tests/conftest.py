@@ -12,6 +12,7 @@ import pytest
 _HOME = Path(tempfile.mkdtemp(prefix="yoloprune-test-home-"))
 os.environ["YOLOPRUNE_HOME"] = str(_HOME)
 os.environ.pop("YOLO_CONFIG_DIR", None)
+os.environ.pop("YOLOPRUNE_STORAGE", None)  # a developer's own storage must not reach the tests' studies
 
 from yoloprune.data import SyntheticSpec, generate_dataset  # noqa: E402
 

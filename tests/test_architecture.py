@@ -30,7 +30,7 @@ LAYERS = [
     {"search"},
     {"deploy"},
     {"demo"},
-    {"cli"},
+    {"cli", "api"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 
@@ -196,7 +196,8 @@ def test_the_attribute_check_sees_a_bare_key(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "module", ["yoloprune.config", "yoloprune.storage", "yoloprune.search.results", "yoloprune.search.report"]
+    "module",
+    ["yoloprune", "yoloprune.config", "yoloprune.storage", "yoloprune.search.results", "yoloprune.search.report"],
 )
 def test_results_and_reports_start_without_the_ml_stack(module):
     code = (

@@ -16,7 +16,7 @@ from yoloprune.config import load_config
 
 pytestmark = pytest.mark.slow
 
-PLOTS = ["front-latency", "front-gflops", "latency-vs-flops", "front-ratios", "progress", "per-class"]
+PLOTS = ["front-latency", "front-gflops", "latency-vs-flops", "front-ratios", "progress", "hypervolume", "per-class"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,9 @@ def test_report_renders_in_chromium_offline_without_errors(searched: Path, tmp_p
     out = tmp_path / "r" / "report.html"
     proc = _run("report", str(searched), "--output", str(out), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert out.is_file() and "6 plots" in proc.stdout
+    assert out.is_file() and "7 plots" in proc.stdout  # no importances: 4 trials are too few
+    page_text = out.read_text()
+    assert "<dt>Hypervolume</dt>" in page_text and "for map50_95: n/a (fewer than 10 complete trials" in page_text
     requests: list[str] = []
     with browser_page(1300, 900) as (page, errors):
         page.on("request", lambda r: requests.append(r.url))

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from yoloprune.device import default_device
 from yoloprune.errors import ConfigError, InternalError, YoloPruneError
@@ -19,11 +20,18 @@ if TYPE_CHECKING:
 
 LOGGER = get_logger("cli")
 
+#: The storage URL when the command line gives none: over the config's `storage`, and out of `ps`'s sight.
+STORAGE_ENV = "YOLOPRUNE_STORAGE"
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; returns the process exit code (2 for a user error, 70 for a bug in yoloprune)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # KEY=VALUE overrides after an option land here
+        if not hasattr(args, "overrides") or any(token.startswith("-") for token in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.quiet:
         set_verbosity("WARNING")
     try:
@@ -92,9 +100,8 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_dataset)
 
     s = sub.add_parser("search", help="run (or resume) the search an experiment config describes")
-    s.add_argument("config", help="experiment YAML (see experiments/)")
+    _config_args(s, "experiment YAML (see experiments/)")
     s.add_argument("--trials", type=int, help="override budget.trials")
-    s.add_argument("--storage", help="override the storage URL")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' own output")
     s.add_argument("--uniform", type=float, nargs="+", default=(), metavar="R",
@@ -104,35 +111,32 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_search)
 
     s = sub.add_parser("sensitivity", help="prune one stage at a time: the mAP each stage costs, what it saves")
-    s.add_argument("config", help="experiment YAML")
+    _config_args(s)
     s.add_argument("--ratio", type=float, default=None, help="ratio for every stage (default: its range's top)")
     s.add_argument("--epochs", type=int, default=0, help="fine-tune epochs per stage (default 0: BN only)")
-    s.add_argument("--storage", help="override the storage URL")
     s.set_defaults(func=_cmd_sensitivity)
 
     s = sub.add_parser(
         "worker", help="join a search (shared storage, e.g. PostgreSQL): run its trials until the budget"
     )
-    s.add_argument("config", help="experiment YAML (the same file on every machine)")
-    s.add_argument("--storage", help="the shared storage URL (overrides the config's)")
+    _config_args(s, "experiment YAML (the same file on every machine)")
     s.add_argument("--trials", type=int, help="override budget.trials")
     s.add_argument("--progress", action="store_true", help="show progress bars")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' own output")
     s.set_defaults(func=_cmd_worker)
 
     s = sub.add_parser("fidelity", help="re-train top and random trials longer: Kendall tau of the proxy's ranking")
-    s.add_argument("config", help="experiment YAML")
+    _config_args(s)
     s.add_argument("--top", type=int, default=3, help="best trials by reward to re-train (default 3)")
     s.add_argument("--random", type=int, default=3, help="other trials, drawn at random (default 3)")
     s.add_argument("--epochs", type=int, default=20, help="long fine-tune epochs (default 20)")
-    s.add_argument("--storage", help="override the storage URL")
     s.set_defaults(func=_cmd_fidelity)
 
     s = sub.add_parser(
         "calibrate",
         help="long-fine-tune a few trials (uniform first): predict each trial's drop after the export's fine-tune",
     )
-    s.add_argument("config", help="experiment YAML")
+    _config_args(s)
     s.add_argument(
         "--candidates", type=int, default=4, help="trials to long-fine-tune, uniform first (default 4, min 3)"
     )
@@ -141,30 +145,31 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest leave-one-out error (absolute drop) at which constraints use predictions (0.02)")  # fmt: skip
     s.add_argument("--no-reference", action="store_true",
                    help="skip fine-tuning the unpruned base as long (the like-for-like reference)")  # fmt: skip
-    s.add_argument("--storage", help="override the storage URL")
     s.set_defaults(func=_cmd_calibrate)
 
     s = sub.add_parser("db", help="database maintenance: `db upgrade` brings an older schema to this version")
     s.add_argument("action", choices=["upgrade", "check"])
     s.add_argument("config", nargs="?", help="experiment YAML (its storage), or give --storage")
-    s.add_argument("--storage", help="storage URL")
+    s.add_argument("--storage", metavar="URL", help=f"storage URL (default: ${STORAGE_ENV}, else the config's)")
     s.set_defaults(func=_cmd_db)
 
+    s = sub.add_parser("schema", help="print the experiment config's JSON schema, for completion in editors")
+    s.set_defaults(func=_cmd_schema)
+
     s = sub.add_parser("results", help="print an experiment's Pareto front and write trials.csv")
-    s.add_argument("config", help="experiment YAML")
-    s.add_argument("--storage", help="override the storage URL")
+    _config_args(s)
     s.add_argument("--all", action="store_true", help="print every trial, not only the front")
     s.set_defaults(func=_cmd_results)
 
     s = sub.add_parser("report", help="write the search's HTML report (plotly, offline) and trials.csv")
-    s.add_argument("config", help="experiment YAML")
-    s.add_argument("--storage", help="override the storage URL")
+    _config_args(s)
     s.add_argument("--trial", type=int, default=None, help="trial for the per-class AP plot (default: the best)")
     s.add_argument("--output", default=None, help="HTML file (default <experiment output>/report.html)")
+    s.add_argument("--open", action="store_true", help="then open it in the web browser")
     s.set_defaults(func=_cmd_report)
 
     s = sub.add_parser("export", help="rebuild a trial's model, fine-tune it fully, write .pt, .onnx and a model card")
-    s.add_argument("config", help="experiment YAML")
+    _config_args(s)
     s.add_argument("--trial", default="best", help="a trial number, or best (default)")
     s.add_argument("--policy", choices=["fastest", "most_accurate"], default="fastest",
                    help="what 'best' means: the fastest feasible trial, or the most accurate within --latency-budget-ms")  # fmt: skip
@@ -181,10 +186,9 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_export)
 
     s = sub.add_parser("nni", help="run the search as an NNI experiment and follow it in NNI's web dashboard")
-    s.add_argument("config", help="experiment YAML")
+    _config_args(s)
     s.add_argument("--port", type=int, default=8080, help="dashboard port (default 8080; PORT+1 must be free too)")
     s.add_argument("--trials", type=int, help="override budget.trials")
-    s.add_argument("--storage", help="override the storage URL")
     s.add_argument("--wait", action="store_true", help="block until the experiment is done, then print results")
     s.add_argument("--id", default=None, help="NNI experiment id (default: the one derived from the config's name)")
     s.add_argument("-v", "--verbose", action="store_true", help="show Ultralytics' and NNI's own output")
@@ -193,6 +197,14 @@ def _parser() -> argparse.ArgumentParser:
     action.add_argument("--view", action="store_true", help="serve a stopped experiment's dashboard")
     action.add_argument("--stop", action="store_true", help="stop the experiment's NNI manager and dashboard")
     s.set_defaults(func=_cmd_nni)
+
+    s = sub.add_parser("dashboard", help="follow a search in optuna-dashboard: named objectives, constraints in a note")
+    s.add_argument("config", help="experiment YAML")
+    s.add_argument("--port", type=int, default=8081, help="port (default 8081; 0: any free port)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1; the dashboard has no login and can delete studies)")  # fmt: skip
+    s.add_argument("--storage", help="override the storage URL")
+    s.set_defaults(func=_cmd_dashboard)
 
     s = sub.add_parser("latency", help="time models on a latency backend in one process; ratios to the first")
     s.add_argument("models", nargs="+", help=".pt checkpoints or model YAMLs; the first is the reference")
@@ -231,13 +243,53 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, object]:
-    out: dict[str, object] = {}
-    if getattr(args, "trials", None):
-        out["budget"] = {"trials": args.trials}
+def _config_args(s: argparse.ArgumentParser, help: str = "experiment YAML") -> None:
+    """The arguments of a command that reads an experiment config: the file, ``KEY=VALUE`` overrides, ``--storage``."""
+    s.add_argument("config", help=help)
+    s.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="set a config value, e.g. finetune.epochs=5 budget.trials=50 \"finetune.overrides={lr0: 0.01}\" "
+                        "(a dotted path into the config; the value is YAML)")  # fmt: skip
+    s.add_argument("--storage", metavar="URL",
+                   help=f"storage URL, over ${STORAGE_ENV} and the config's storage (${STORAGE_ENV} keeps a password out "
+                        "of `ps`)")  # fmt: skip
+
+
+def _load_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The command's experiment config, with its command-line overrides (:func:`_assignments`)."""
+    from yoloprune.config import load_config
+
+    return load_config(args.config, assignments=_assignments(args))
+
+
+def _assignments(args: argparse.Namespace) -> list[tuple[str, Any]]:
+    """The config values the command line sets: ``KEY=VALUE`` overrides, ``--trials`` and ``--storage``.
+
+    The storage URL: ``--storage`` or ``storage=URL``, else ``$YOLOPRUNE_STORAGE``, else the config's, else
+    SQLite in the output folder. A key given twice is an error, not a silent choice.
+    """
+    from yoloprune.config import parse_assignments
+
+    pairs = parse_assignments(getattr(args, "overrides", None) or [])
+    if getattr(args, "trials", None) is not None:
+        pairs.append(("budget.trials", args.trials))
     if getattr(args, "storage", None):
-        out["storage"] = args.storage
-    return out
+        pairs.append(("storage", args.storage))
+    keys = [key for key, _ in pairs]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        raise ConfigError(
+            f"{', '.join(twice)} given twice on the command line (a flag and a KEY=VALUE, or a KEY=VALUE repeated): "
+            "give each once."
+        )
+    if "storage" not in keys and os.environ.get(STORAGE_ENV):
+        pairs.append(("storage", os.environ[STORAGE_ENV]))
+    return pairs
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    """The storage URL of a command without ``KEY=VALUE`` overrides (``--storage``, else ``$YOLOPRUNE_STORAGE``),
+    as :func:`~yoloprune.config.load_config`'s ``overrides``; where a command has them, use :func:`_load_config`."""
+    return dict(_assignments(args))
 
 
 def parse_ratios(pairs: Sequence[str]) -> dict[str, float]:
@@ -409,10 +461,9 @@ def _cmd_dataset(args: argparse.Namespace) -> int:
 
 
 def _cmd_search(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.search.runner import run_search
 
-    config = load_config(args.config, _overrides(args))
+    config = _load_config(args)
     try:
         run_search(
             config,
@@ -432,10 +483,9 @@ def _cmd_search(args: argparse.Namespace) -> int:
 def _cmd_fidelity(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from yoloprune.config import load_config
     from yoloprune.search.fidelity import describe, measure
 
-    result = measure(load_config(args.config, _overrides(args)), top=args.top, sample=args.random, epochs=args.epochs)
+    result = measure(_load_config(args), top=args.top, sample=args.random, epochs=args.epochs)
     for number, r in result.trials.items():
         print(f"trial {number:4d}  proxy mAP50-95 {r['proxy']:.4f}  after {result.epochs} epochs {r['long']:.4f}")
     print(describe(asdict(result)))
@@ -443,11 +493,10 @@ def _cmd_fidelity(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.search.calibration import calibrate, describe
     from yoloprune.search.optuna_engine import open_study
 
-    config = load_config(args.config, _overrides(args))
+    config = _load_config(args)
     run = calibrate(
         config, candidates=args.candidates, epochs=args.epochs, max_error=args.max_error,
         with_reference=not args.no_reference,
@@ -484,10 +533,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.search.sensitivity import scan, table
 
-    rows = scan(load_config(args.config, _overrides(args)), ratio=args.ratio, epochs=args.epochs)
+    rows = scan(_load_config(args), ratio=args.ratio, epochs=args.epochs)
     print(f"each stage pruned alone ({args.epochs} fine-tune epochs), most sensitive first:")
     print(format_table(table(rows)))
     print("stored on the study: `yoloprune search CONFIG --warm-start N` starts from it")
@@ -495,10 +543,9 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.search.runner import run_search
 
-    config = load_config(args.config, _overrides(args))
+    config = _load_config(args)
     if config.storage_url.startswith("sqlite") and args.storage is None:
         LOGGER.warning("storage is SQLite (%s): workers can share it on this machine only", config.storage_url)
     try:
@@ -515,12 +562,12 @@ def _cmd_db(args: argparse.Namespace) -> int:
     from yoloprune.storage.db import SCHEMA_VERSION, Store, engine_for, schema_version
     from yoloprune.storage.optuna_adapter import upgrade_optuna_schema
 
-    if args.storage:
-        url = args.storage
-    elif args.config:
-        url = load_config(args.config).storage_url
+    if args.config:
+        url = load_config(args.config, assignments=_assignments(args)).storage_url
+    elif args.storage or os.environ.get(STORAGE_ENV):
+        url = args.storage or os.environ[STORAGE_ENV]
     else:
-        raise ConfigError("give the database: `yoloprune db upgrade CONFIG` or `--storage URL`.")
+        raise ConfigError(f"give the database: `yoloprune db upgrade CONFIG`, `--storage URL` or ${STORAGE_ENV}.")
     if args.action == "check":
         found = schema_version(engine_for(url))
         print(f"yoloprune schema: {'none yet' if found is None else found} (this yoloprune: {SCHEMA_VERSION})")
@@ -532,9 +579,7 @@ def _cmd_db(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
-
-    _print_results(load_config(args.config, _overrides(args)), show_all=args.all)
+    _print_results(_load_config(args), show_all=args.all)
     return 0
 
 
@@ -545,26 +590,38 @@ def _print_results(config: ExperimentConfig, show_all: bool = False) -> None:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.search.report import write_report
 
     report = write_report(
-        load_config(args.config, _overrides(args)),
+        _load_config(args),
         output=Path(args.output) if args.output else None,
         trial=args.trial,
     )
     print(f"wrote {report.path} ({len(report.figures)} plots; per-class AP of trial {report.trial})")
     print(f"wrote {report.csv}")
+    if args.open:
+        import webbrowser
+
+        page = Path(report.path).resolve().as_uri()
+        if not webbrowser.open(page):
+            print(f"found no web browser to open it here: open {page} yourself")
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from yoloprune.config import ExperimentConfig
+
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", **ExperimentConfig.model_json_schema()}
+    print(json.dumps(schema, indent=1))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.deploy.export import export_trial
     from yoloprune.search.optuna_engine import open_study
     from yoloprune.search.selection import select_trial
 
-    config = load_config(args.config)
+    config = _load_config(args)
     study = open_study(config, create=False)
     trial = select_trial(study, config, args.trial, policy=args.policy, latency_budget_ms=args.latency_budget_ms)
     print(f"exporting trial {trial.number} of '{config.name}' ({args.epochs} fine-tune epochs)")
@@ -590,10 +647,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_nni(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.search import nni_engine
 
-    config = load_config(args.config, _overrides(args))
+    config = _load_config(args)
     if args.stop:
         print(nni_engine.stop(config, exp_id=args.id))
         return 0
@@ -609,6 +665,24 @@ def _cmd_nni(args: argparse.Namespace) -> int:
         state = nni_engine.wait(args.port)
         print(f"NNI experiment {launched.id}: {state}")
         _print_results(config)
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from yoloprune.config import load_config
+    from yoloprune.search import dashboard
+
+    config = load_config(args.config, _overrides(args))
+    server, url = dashboard.bind(config, host=args.host, port=args.port)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        LOGGER.warning("the dashboard listens on %s: anyone who reaches it can edit and delete studies", args.host)
+    print(f"optuna-dashboard for '{config.name}': {url} (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("dashboard stopped", file=sys.stderr)
+    finally:
+        server.server_close()
     return 0
 
 

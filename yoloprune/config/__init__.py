@@ -2,7 +2,7 @@
 (:mod:`.objectives`) and reading YAML (:mod:`.loading`). It loads no ML library: results, reports and the
 database commands start without torch."""
 
-from yoloprune.config.loading import config_from_dict, load_config
+from yoloprune.config.loading import config_from_dict, load_config, parse_assignments
 from yoloprune.config.objectives import Constraint, Objective, RewardConfig
 from yoloprune.config.schema import (
     BUILTIN_PREFIX,
@@ -43,4 +43,5 @@ __all__ = [
     "config_from_dict",
     "latency_target",
     "load_config",
+    "parse_assignments",
 ]

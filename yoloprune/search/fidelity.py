@@ -7,6 +7,7 @@ the study (user attribute ``fidelity``), so ``results`` and the report show it.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -104,13 +105,37 @@ def stored(study: optuna.Study) -> dict[str, Any] | None:
     return study.user_attrs.get(STUDY_ATTR)
 
 
+def describe_agreement(tau: float, p: float, n: int) -> str:
+    """``Kendall tau 0.80 (p = 0.08, n = 5)``: every place that shows a tau shows its p-value and n with it."""
+    if not math.isfinite(tau):
+        return f"Kendall tau n/a (every value tied, n = {n})"
+    return f"Kendall tau {tau:.2f} ({format_p(p)}, n = {n})"
+
+
+def format_p(p: float) -> str:
+    """A p-value as text: two decimals, three under 0.01, ``p < 0.001`` below that."""
+    if not math.isfinite(p):
+        return "p n/a"
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}" if p < 0.01 else f"p = {p:.2f}"
+
+
 def describe(record: dict[str, Any]) -> str:
+    """The stored fidelity as one line, tau with its p-value and n (recomputed from the stored trials for a
+    record written before the p-value was stored)."""
+    pairs = [(float(r["proxy"]), float(r["long"])) for r in record.get("trials", {}).values()]
     p = record.get("p")
+    if (p is None or not math.isfinite(p)) and len(pairs) >= 2:
+        p = rank_agreement([a for a, _ in pairs], [b for _, b in pairs])["p"]
     text = (
-        f"proxy fidelity: Kendall tau {record['tau']:.2f} between {record['proxy_epochs']}-epoch proxy and "
-        f"{record['epochs']}-epoch mAP50-95 over {record['n']} trials" + (f" (p {p:.3f})" if p is not None else "")
+        f"proxy fidelity: {describe_agreement(record['tau'], math.nan if p is None else p, record['n'])} between "
+        f"{record['proxy_epochs']}-epoch proxy and {record['epochs']}-epoch mAP50-95 over {record['n']} trials"
     )
+    if p is not None and math.isfinite(p) and p >= 0.05:
+        text += " (not significant: too few trials to trust the ranking; `fidelity --top/--random` measures more)"
     screen = record.get("screen")
     if screen:
-        text += f"; screening score vs {record['epochs']}-epoch: tau {screen['tau']:.2f} (p {screen['p']:.3f}, n {screen['n']})"
+        text += (
+            f"; screening score vs {record['epochs']}-epoch: "
+            f"{describe_agreement(screen['tau'], screen['p'], screen['n']).removeprefix('Kendall ')}"
+        )
     return text

@@ -1,6 +1,6 @@
 """The HTML report of a search: one self-contained file (plotly, inlined, works offline) with the
-Pareto front, the front's per-stage ratios, latency vs FLOPs, search progress, per-class AP drop of one
-trial, and the trial table (also written as ``trials.csv``)."""
+Pareto front, the front's per-stage ratios, latency vs FLOPs, search progress, the hypervolume history,
+parameter importances, per-class AP drop of one trial, and the trial table (also written as ``trials.csv``)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,15 @@ from plotly.offline import get_plotlyjs
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
+from yoloprune.search.diagnostics import (
+    HypervolumeHistory,
+    Importances,
+    describe_hypervolume,
+    describe_importances,
+    hypervolume_history,
+    importance_table,
+    param_importances,
+)
 from yoloprune.search.results import front_table, judged_frame, pareto_front, summary_counts
 from yoloprune.storage.optuna_adapter import baseline_latency
 from yoloprune.storage.record import TrialRecord
@@ -61,7 +70,7 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
     if chosen is None or chosen.per_class is None:
         raise ConfigError(f"trial {trial} has no per-class AP (it does not exist or did not finish).")
 
-    front = pareto_front(trials, config)
+    front = pareto_front(trials, config, study)
     latency = _latency_column(config, trials)
     figures: dict[str, go.Figure] = {}
     figures["front-latency" if latency else "front-gflops"] = _front(
@@ -83,6 +92,12 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
     if ratios is not None:
         figures["front-ratios"] = ratios
     figures["progress"] = _progress(trials)
+    history = hypervolume_history(trials, config, base)
+    if history is not None and history.values:
+        figures["hypervolume"] = _hypervolume(history, config)
+    importances = param_importances(study, trials, config)
+    if importances.by_objective:
+        figures["importances"] = _importances(importances)
     figures["per-class"] = _per_class(base.get("per_class", {}), chosen.per_class, trial)
 
     path = Path(output) if output else out_dir / "report.html"
@@ -92,9 +107,12 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
 
     fidelity = stored_fidelity(study)
     note = describe(fidelity) if fidelity else "proxy fidelity not measured (yoloprune fidelity CONFIG)"
-    path.write_text(
-        _page(config, trials, front, counts, base, figures, note, _versus_html(config, study, trials, base))
-    )
+    diagnostics = [
+        ("Hypervolume", [describe_hypervolume(history, config)]),
+        ("Parameter importances", [line.strip() for line in describe_importances(importances)]),
+    ]
+    versus = _versus_html(config, study, trials, base)
+    path.write_text(_page(config, trials, front, counts, base, figures, note, versus, diagnostics))
     return Report(path, csv, list(figures), trial)
 
 
@@ -223,6 +241,39 @@ def _progress(trials: pd.DataFrame) -> go.Figure:
     return fig
 
 
+def _hypervolume(history: HypervolumeHistory, config: ExperimentConfig) -> go.Figure:
+    reference = ", ".join(
+        f"{_label(o.metric)} {v:g}" for o, v in zip(config.objectives, history.reference, strict=True)
+    )
+    fig = go.Figure(
+        go.Scatter(
+            x=history.trials, y=history.values, mode="lines+markers", name="hypervolume",
+            line={"shape": "hv", "color": COLORS["front"]},
+        )
+    )  # fmt: skip
+    fig.update_layout(
+        title=f"Hypervolume of the feasible front after each trial (reference: {reference})",
+        xaxis_title="trial", yaxis_title="hypervolume", template="plotly_white",
+    )  # fmt: skip
+    return fig
+
+
+def _importances(importances: Importances) -> go.Figure:
+    table = importance_table(importances)
+    fig = go.Figure()
+    for metric in table.columns:
+        n = importances.counts[metric]
+        fig.add_trace(
+            go.Bar(y=list(table.index), x=table[metric], orientation="h", name=f"{_label(metric)} ({n} trials)")
+        )
+    fig.update_layout(
+        title="Parameter importances per objective (PED-ANOVA: what the best quarter of the trials share)",
+        xaxis_title="importance (sums to 1 per objective)", yaxis={"autorange": "reversed"}, barmode="group",
+        template="plotly_white",
+    )  # fmt: skip
+    return fig
+
+
 def _per_class(before: dict[str, float], after: dict[str, float], trial: int) -> go.Figure:
     names = sorted(after, key=lambda n: _drop(before.get(n), after[n]), reverse=True)
     fig = go.Figure()
@@ -281,8 +332,13 @@ def _page(
     figures: dict[str, go.Figure],
     fidelity: str,
     versus: str = "",
+    diagnostics: list[tuple[str, list[str]]] | None = None,
 ) -> str:
     esc = html.escape
+    notes = "".join(
+        f"<dt>{esc(term)}</dt><dd>{'<br>'.join(esc(line) for line in lines)}</dd>\n"
+        for term, lines in diagnostics or []
+    )
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
     objectives = ", ".join(f"{o.direction} {o.metric}" for o in config.objectives)
     summary = ", ".join(f"{v} {k}" for k, v in counts.items() if v or k == "complete")
@@ -318,7 +374,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1200px
 <dt>Objectives</dt><dd>{esc(objectives)}</dd>
 <dt>Constraints (feasible)</dt><dd>{esc(constraints)}</dd>
 <dt>Proxy fidelity</dt><dd>{esc(fidelity)}</dd>
-</dl>
+{notes}</dl>
 {versus}
 {plots}
 <h2>Pareto front</h2><div class="scroll">{front_html}</div>

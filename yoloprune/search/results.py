@@ -70,16 +70,47 @@ def judged_frame(study: optuna.Study, config: ExperimentConfig) -> pd.DataFrame:
     return trials
 
 
-def pareto_front(trials: pd.DataFrame, config: ExperimentConfig) -> pd.DataFrame:
-    """Feasible complete trials not dominated on the config's objectives, best reward first."""
+def pareto_front(trials: pd.DataFrame, config: ExperimentConfig, study: optuna.Study | None = None) -> pd.DataFrame:
+    """Feasible complete trials not dominated on the config's objectives, best reward first.
+
+    Which front: where the stored constraints decide (``study`` given, and every complete trial's feasibility and
+    objective values in ``trials`` are the ones Optuna stored: no calibration judged it otherwise), Optuna's own
+    ``study.best_trials``, which keeps the trials whose stored violations are all <= 0 and drops the dominated.
+    Otherwise the stored constraints are not what decides (a calibration judges accuracy constraints on the
+    measured or predicted final drop; an older study stored feasibility without Optuna constraints), and Optuna's
+    front would keep trials the verdicts reject and miss ones they accept: the front is then the same
+    non-domination rule (:func:`~yoloprune.config.objectives.pareto_mask`) over the judged-feasible trials.
+    Either way the front is that of the feasibility ``results``, the report and ``export best`` show.
+    """
     if trials.empty:
         return trials
     ok = trials[(trials["state"] == "complete") & (trials["feasible"] == True)]  # noqa: E712
     if ok.empty:
         return ok
-    values = ok[[o.metric for o in config.objectives]].to_numpy(dtype=float)
-    front = ok[pareto_mask(values, [o.direction for o in config.objectives])]
+    best = optuna_front(study, trials, config) if study is not None else None
+    if best is not None and set(best) <= set(ok["trial"]):
+        front = ok[ok["trial"].isin(best)]
+    else:  # judged otherwise, or a trial finished after ``trials`` was read
+        values = ok[[o.metric for o in config.objectives]].to_numpy(dtype=float)
+        front = ok[pareto_mask(values, [o.direction for o in config.objectives])]
     return front.sort_values("reward", ascending=False)
+
+
+def optuna_front(study: optuna.Study, trials: pd.DataFrame, config: ExperimentConfig) -> list[int] | None:
+    """The numbers of ``study.best_trials`` when the stored constraints and values are those ``trials`` judges
+    on (see :func:`pareto_front`); None when they are not."""
+    best = [t.number for t in study.best_trials]  # read first: a trial finishing later shows in the check below
+    by_number = trials.set_index("trial")
+    metrics = [o.metric for o in config.objectives]
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if t.number not in by_number.index or by_number.at[t.number, "state"] != "complete":
+            return None
+        row = by_number.loc[t.number]
+        stored_feasible = all(v <= 0 for v in t.constraints.values())
+        values = row[metrics].to_numpy(dtype=float)
+        if stored_feasible != (row["feasible"] == True) or not np.array_equal(values, np.asarray(t.values, float)):  # noqa: E712
+            return None
+    return best
 
 
 def summary_counts(trials: pd.DataFrame) -> dict[str, int]:
@@ -185,6 +216,25 @@ def front_table(front: pd.DataFrame) -> pd.DataFrame:
     return table.round(4).replace({np.nan: None})
 
 
+def _proxy_lines(study: optuna.Study) -> list[str]:
+    """How far the proxy is trusted: its fidelity (Kendall tau, p, n), the calibration, the screening's agreement."""
+    from yoloprune.search import calibration, screening
+    from yoloprune.search.fidelity import describe
+    from yoloprune.search.fidelity import stored as stored_fidelity
+
+    fidelity = stored_fidelity(study)
+    lines = [
+        describe(fidelity)
+        if fidelity
+        else "proxy fidelity: not measured (`yoloprune fidelity CONFIG` re-trains top and random trials)"
+    ]
+    lines.extend(calibration.describe(calibration.stored(study), study))
+    screened = study.user_attrs.get(screening.FIDELITY_ATTR)
+    if screened:
+        lines.append(screening.describe(screened))
+    return lines
+
+
 def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
     """The text ``yoloprune results`` prints; also writes ``<output>/trials.csv``."""
     from yoloprune.search.optuna_engine import open_study
@@ -229,26 +279,17 @@ def render_results(config: ExperimentConfig, *, show_all: bool = False) -> str:
                 if base_ms
                 else f"latency on '{name}': trials {trials[col].min():.2f}-{trials[col].max():.2f} ms"
             )
-    from yoloprune.search.fidelity import describe
-    from yoloprune.search.fidelity import stored as stored_fidelity
-
-    fidelity = stored_fidelity(study)
-    lines.append(
-        describe(fidelity)
-        if fidelity
-        else "proxy fidelity: not measured (`yoloprune fidelity CONFIG` re-trains top and random trials)"
-    )
-    from yoloprune.search import calibration, screening
-
-    lines.extend(calibration.describe(calibration.stored(study), study))
-    screened = study.user_attrs.get(screening.FIDELITY_ATTR)
-    if screened:
-        lines.append(screening.describe(screened))
+    lines.extend(_proxy_lines(study))
     if config.cost_target is not None:
         lines.append(f"against uniform pruning at the same {config.cost_target.metric}:")
         lines.extend(f"  {line}" for line in describe_versus_uniform(versus_uniform(trials), config.cost_target.metric))
+    from yoloprune.search import diagnostics
+
+    history = diagnostics.hypervolume_history(trials, config, {**(base or {}), **base_latency})
+    lines.append(diagnostics.describe_hypervolume(history, config))
+    lines.extend(diagnostics.describe_importances(diagnostics.param_importances(study, trials, config)))
     constraints = ", ".join(c.describe() for c in config.constraints) or "none"
-    front = pareto_front(trials, config)
+    front = pareto_front(trials, config, study)
     if "ratio.head" in front and base and (front["ratio.head"].fillna(0) > 0).any():
         best = int(front["trial"].iloc[0])
         lines.append(f"per-class AP50-95 of trial {best}, which prunes the head (rare classes suffer first):")

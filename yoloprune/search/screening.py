@@ -146,6 +146,8 @@ def agreement(study: optuna.Study) -> list[dict[str, float]]:
 
 def describe(records: list[dict[str, Any]]) -> str:
     """One line per target value: the screening's rank agreement with the proxy."""
+    from yoloprune.search.fidelity import describe_agreement
+
     return "; ".join(
-        f"screening vs proxy at {r['value']}: Kendall tau {r['tau']:.2f} (p {r['p']:.2f}, n {r['n']})" for r in records
+        f"screening vs proxy at {r['value']}: {describe_agreement(r['tau'], r['p'], r['n'])}" for r in records
     )

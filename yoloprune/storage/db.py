@@ -15,6 +15,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import socket
 import sqlite3
 import sys
@@ -219,7 +220,7 @@ def engine_for(url: str) -> Engine:
         parsed = make_url(url)
     except ArgumentError as e:
         raise StorageError(
-            f"storage URL '{url}' is not a database URL (e.g. sqlite:///study.db, postgresql://u@h/db)."
+            f"storage URL '{hide_password(url)}' is not a database URL (e.g. sqlite:///study.db, postgresql://u@h/db)."
         ) from e
     if parsed.drivername.startswith("sqlite") and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
@@ -274,11 +275,12 @@ def _to_v2(conn: Connection) -> None:
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _to_v2}
 
 
-def _hidden(url: str) -> str:
+def hide_password(url: str) -> str:
+    """``url`` as messages and logs show it: its password, if any, as ``***``."""
     try:
-        return make_url(normalize_url(url)).render_as_string(hide_password=True)
-    except ArgumentError:
-        return url
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:  # not a URL SQLAlchemy reads: hide what sits where a password would
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
 
 
 class Store:
@@ -294,7 +296,7 @@ class Store:
         try:
             self._check_schema(upgrade)
         except SQLAlchemyError as e:
-            raise StorageError(f"cannot create or check yoloprune's tables in '{_hidden(url)}': {e}") from e
+            raise StorageError(f"cannot create or check yoloprune's tables in '{hide_password(url)}': {e}") from e
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def _check_schema(self, upgrade: bool) -> None:
@@ -312,21 +314,25 @@ class Store:
             return
         if found > SCHEMA_VERSION:
             raise StorageError(
-                f"'{_hidden(self.url)}' holds yoloprune tables of schema version {found}, newer than this "
+                f"'{hide_password(self.url)}' holds yoloprune tables of schema version {found}, newer than this "
                 f"yoloprune's ({SCHEMA_VERSION}). Upgrade yoloprune (pip install -U yoloprune) on this machine."
             )
         if found == SCHEMA_VERSION:
             return
         if not upgrade:
+            shown = hide_password(self.url)
+            password = (
+                " (the password for ***, or the URL in $YOLOPRUNE_STORAGE and no --storage)" if "***" in shown else ""
+            )
             raise StorageError(
-                f"'{_hidden(self.url)}' holds yoloprune tables of schema version {found}; this yoloprune needs "
-                f"version {SCHEMA_VERSION}. Upgrade the database in place (every record is kept): "
-                f"yoloprune db upgrade --storage '{_hidden(self.url)}' (give the password there if it has one)."
+                f"'{shown}' holds yoloprune tables of schema version {found}; this yoloprune needs version "
+                f"{SCHEMA_VERSION}. Upgrade the database in place (every record is kept): "
+                f"yoloprune db upgrade --storage '{shown}'{password}."
             )
         with self.engine.begin() as conn:
             for version in range(found + 1, SCHEMA_VERSION + 1):
                 MIGRATIONS[version](conn)
-                LOGGER.info("upgraded yoloprune's tables in %s to schema version %d", _hidden(self.url), version)
+                LOGGER.info("upgraded yoloprune's tables in %s to schema version %d", hide_password(self.url), version)
             _set_version(conn, SCHEMA_VERSION)
 
     @contextmanager

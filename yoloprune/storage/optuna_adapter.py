@@ -31,7 +31,7 @@ from yoloprune.config import ExperimentConfig
 from yoloprune.config.schema import WorkersConfig
 from yoloprune.errors import ConfigError, InternalError, StorageError
 from yoloprune.log import get_logger
-from yoloprune.storage.db import normalize_url, retry_transient
+from yoloprune.storage.db import hide_password, normalize_url, retry_transient
 from yoloprune.storage.record import BASELINE_LATENCY, TrialRecord
 
 LOGGER = get_logger(__name__)
@@ -158,7 +158,9 @@ class RetryingRDBStorage(RDBStorage):
         return super()._get_stale_trial_ids(*args, **kwargs)
 
 
-def rdb_storage(url: str, workers: WorkersConfig | None = None) -> RetryingRDBStorage:
+def rdb_storage(
+    url: str, workers: WorkersConfig | None = None, *, kind: type[RetryingRDBStorage] = RetryingRDBStorage
+) -> RetryingRDBStorage:
     """Optuna's storage on ``url``, retrying transient errors; with ``workers``, trials send heartbeats.
 
     A trial whose worker stops sending heartbeats for ``workers.grace_s`` is failed by the next worker
@@ -175,7 +177,7 @@ def rdb_storage(url: str, workers: WorkersConfig | None = None) -> RetryingRDBSt
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return RetryingRDBStorage(normalize_url(url), engine_kwargs={"pool_pre_ping": True}, **heartbeat)
+                return kind(normalize_url(url), engine_kwargs={"pool_pre_ping": True}, **heartbeat)
         except Exception as e:
             racing = "alembic_version" in str(e) or "already exists" in str(e)
             if not racing or attempt == 5:
@@ -187,9 +189,13 @@ def rdb_storage(url: str, workers: WorkersConfig | None = None) -> RetryingRDBSt
 def _storage_error(url: str, e: Exception) -> NoReturn:
     """Optuna wraps driver errors in several types: one StorageError, with the fix where there is one."""
     message = str(e)
+    shown = hide_password(url)
     if "optuna storage upgrade" in message or "no longer compatible" in message:
-        message += f" Fix: yoloprune db upgrade --storage '{url}'"
-    raise StorageError(f"cannot open Optuna storage '{url}': {message}") from e
+        password = (
+            " (the password for ***, or the URL in $YOLOPRUNE_STORAGE and no --storage)" if "***" in shown else ""
+        )
+        message += f" Fix: yoloprune db upgrade --storage '{shown}'{password}"
+    raise StorageError(f"cannot open Optuna storage '{shown}': {message}") from e
 
 
 def upgrade_optuna_schema(url: str) -> None:
@@ -225,15 +231,17 @@ def load_study(
     url = config.storage_url
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise ConfigError(
-            f"no search named '{config.name}': {url} does not exist. Run `yoloprune search CONFIG` first."
+            f"no search named '{config.name}': {hide_password(url)} does not exist. Run `yoloprune search CONFIG` first."
         )
     storage = rdb_storage(url, config.engine.workers if heartbeats else None)
     try:
-        return optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=config.name, storage=storage, sampler=sampler)
     except KeyError:
         raise ConfigError(
-            f"no search named '{config.name}' in {config.storage_url}. Run `yoloprune search CONFIG` first."
+            f"no search named '{config.name}' in {hide_password(url)}. Run `yoloprune search CONFIG` first."
         ) from None
+    name_metrics(study, config)  # a study created before its metrics were named
+    return study
 
 
 def create_study(config: ExperimentConfig, sampler: optuna.samplers.BaseSampler) -> optuna.Study:
@@ -252,7 +260,21 @@ def create_study(config: ExperimentConfig, sampler: optuna.samplers.BaseSampler)
             f"experiment '{config.name}' was started with objective directions {stored}, the config now says "
             f"{directions}. Keep the objectives, or give the experiment a new name."
         )
+    name_metrics(study, config)
     return study
+
+
+def name_metrics(study: optuna.Study, config: ExperimentConfig) -> None:
+    """Name the study's objectives after the config's metrics, where they have no names yet (Optuna's plots and
+    optuna-dashboard show "Objective 0" otherwise); names that differ from the config's are kept, with a warning."""
+    names = [o.metric for o in config.objectives]
+    stored = study.metric_names
+    if stored is None and len(names) == len(study.directions):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
+    elif stored is not None and list(stored) != names:
+        LOGGER.warning("study '%s' names its objectives %s; the config says %s", config.name, stored, names)
 
 
 def new_trial(study: optuna.Study) -> optuna.Trial:
@@ -427,3 +449,38 @@ def append_epoch(study: optuna.Study, trial: optuna.Trial, metrics: dict[str, fl
     for key, value in TrialRecord(epochs=epochs).to_attrs().items():
         study._storage.set_trial_user_attr(trial._trial_id, key, value)
     return study._storage.get_trial(trial._trial_id)
+
+
+# --- what optuna-dashboard reads ------------------------------------------------------------------------
+
+
+class DashboardStorage(RetryingRDBStorage):
+    """The storage as optuna-dashboard reads it: each trial's named constraints (``constraints:c0``, what
+    :func:`write_record` and ``Trial.set_constraint`` write) also as the list Optuna's ``constraints_func`` writes,
+    the only form optuna-dashboard 0.21 reads (without it, every trial is drawn feasible). Nothing is written."""
+
+    def get_trial(self, *args: Any, **kwargs: Any) -> Any:
+        return _with_constraint_list(super().get_trial(*args, **kwargs))
+
+    def get_all_trials(self, *args: Any, **kwargs: Any) -> Any:
+        return [_with_constraint_list(t) for t in super().get_all_trials(*args, **kwargs)]
+
+
+def dashboard_storage(url: str) -> DashboardStorage:
+    """:class:`DashboardStorage` on ``url`` (no heartbeats: it runs no trial)."""
+    storage = rdb_storage(url, kind=DashboardStorage)
+    if not isinstance(storage, DashboardStorage):
+        raise InternalError("rdb_storage ignored the storage class it was given.")
+    return storage
+
+
+def _with_constraint_list(trial: FrozenTrial) -> FrozenTrial:
+    prefix = _constraint_key("")
+    named = {k.removeprefix(prefix): v for k, v in trial.system_attrs.items() if k.startswith(prefix)}
+    if not named or prefix.rstrip(":") in trial.system_attrs:
+        return trial
+    order = sorted(named, key=lambda n: (0, int(n[1:]), n) if n[:1] == "c" and n[1:].isdigit() else (1, 0, n))
+    system = {k: v for k, v in trial.system_attrs.items() if not k.startswith(prefix)}
+    system[prefix.rstrip(":")] = [named[n] for n in order]
+    trial.system_attrs = system  # a copy the storage built for this read: the stored trial is unchanged
+    return trial

@@ -17,6 +17,7 @@ from yoloprune.offline import configure_offline
 
 configure_offline()
 
+from ultralytics.engine.model import Model  # noqa: E402
 from ultralytics.nn.modules import Detect  # noqa: E402
 from ultralytics.nn.tasks import (  # noqa: E402
     DetectionModel,
@@ -36,17 +37,20 @@ __all__ = [
 _YAML_SUFFIXES = (".yaml", ".yml")
 
 
-def load_detector(source: str | Path | nn.Module, *, nc: int | None = None) -> DetectionModel:
-    """Return a detection model in float32 with gradients enabled.
+def load_detector(source: str | Path | nn.Module | Model, *, nc: int | None = None) -> DetectionModel:
+    """Return a detection model: from a path, in float32 with gradients enabled; from memory, as it is.
 
     Args:
         source: a ``.pt`` checkpoint path, a model YAML (a path, or a name Ultralytics ships such as
-            ``yolov8n.yaml``), or a ``DetectionModel`` already in memory.
+            ``yolov8n.yaml``), an ``ultralytics.YOLO`` object (its ``DetectionModel``, not a copy), or a
+            ``DetectionModel`` already in memory.
         nc: number of classes when building from a YAML (ignored for checkpoints, which keep theirs).
 
     Raises:
         ModelError: the path does not exist, is not a YOLO checkpoint, or the model is not a detector.
     """
+    if isinstance(source, Model):
+        return _unwrap_yolo(source)
     if isinstance(source, nn.Module):
         return check_detector(source)
     text = str(source)
@@ -105,6 +109,23 @@ def layers(model: nn.Module) -> nn.Sequential:
 def detect_head(model: nn.Module) -> nn.Module:
     """The model's last layer (its ``Detect`` head)."""
     return layers(model)[-1]
+
+
+def _unwrap_yolo(yolo: Model) -> DetectionModel:
+    """The ``DetectionModel`` inside an ``ultralytics.YOLO`` object (the wrapper is not itself a detector)."""
+    inner = yolo.model
+    if not isinstance(inner, nn.Module):
+        raise ModelError(
+            f"this YOLO object wraps an exported model ({inner!r}), not a PyTorch one; pass the .pt it was "
+            "exported from, or YOLO('best.pt')."
+        )
+    task = getattr(yolo, "task", None) or guess_model_task(inner)
+    if task != "detect":
+        raise ModelError(
+            f"this YOLO object holds a '{task}' model ({type(inner).__name__}); yoloprune supports detection "
+            "models only (task 'detect'), e.g. YOLO('yolov8n.pt') or your trained detector's best.pt."
+        )
+    return check_detector(inner)
 
 
 def _check_pt_path(path: Path) -> None:
