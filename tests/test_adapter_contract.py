@@ -138,3 +138,23 @@ def test_batched_constraints_match_what_set_constraint_writes(tmp_path):
     stored = study._storage.get_trial(batched._trial_id)
     assert stored.system_attrs == reference._storage.get_trial(trial._trial_id).system_attrs
     assert stored.user_attrs == {"reward": 1.0, "constraints": [-0.5, 0.25]}
+
+
+def test_optuna_dashboard_reads_constraints_only_in_the_list_form(tmp_path):
+    """optuna-dashboard 0.21 reads a trial's constraints from the ``constraints`` list, not Optuna 5's named keys:
+    what ``DashboardStorage`` converts for it. When this fails, the dashboard changed: drop or adapt the view."""
+    import optuna
+    import pytest
+
+    serializer = pytest.importorskip("optuna_dashboard._serializer", reason="the dashboard extra is not installed")
+    from yoloprune.storage.optuna_adapter import dashboard_storage, rdb_storage, write_record
+    from yoloprune.storage.record import TrialRecord
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    study = optuna.create_study(study_name="s", storage=rdb_storage(url))
+    write_record(study.ask(), TrialRecord(reward=1.0), [-0.5, 0.25])
+    plain, view = rdb_storage(url), dashboard_storage(url)
+    study_id = plain.get_study_id_from_name("s")
+    assert serializer.serialize_frozen_trial(study_id, plain.get_all_trials(study_id)[0], {})["constraints"] == []
+    viewed = view.get_all_trials(study_id)[0]
+    assert serializer.serialize_frozen_trial(study_id, viewed, {})["constraints"] == [-0.5, 0.25]

@@ -51,7 +51,7 @@ def test_tau_is_shown_with_its_p_value_and_n():
     with_screen = fidelity.describe({**record, "screen": {"tau": 1.0, "p": 0.0167, "n": 5}})
     assert "screening score vs 20-epoch: tau 1.00 (p = 0.02, n = 5)" in with_screen
     tied = fidelity.describe(_fidelity_record([0.0, 0.0, 0.0], [0.1, 0.2, 0.3]))  # an untrained base: mAP 0 everywhere
-    assert "Kendall tau n/a (every value tied, n = 3)" in tied
+    assert "Kendall tau n/a (p n/a, n = 3: every value tied)" in tied
 
     shown = screening.describe([{"value": 0.3, **fidelity.rank_agreement([1, 2, 3, 4, 5], [1, 2, 3, 5, 4])}])
     assert shown == "screening vs proxy at 0.3: Kendall tau 0.80 (p = 0.08, n = 5)"

@@ -199,11 +199,10 @@ def _parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_nni)
 
     s = sub.add_parser("dashboard", help="follow a search in optuna-dashboard: named objectives, constraints in a note")
-    s.add_argument("config", help="experiment YAML")
+    _config_args(s)
     s.add_argument("--port", type=int, default=8081, help="port (default 8081; 0: any free port)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; the dashboard has no login and can delete studies)")  # fmt: skip
-    s.add_argument("--storage", help="override the storage URL")
     s.set_defaults(func=_cmd_dashboard)
 
     s = sub.add_parser("latency", help="time models on a latency backend in one process; ratios to the first")
@@ -669,10 +668,9 @@ def _cmd_nni(args: argparse.Namespace) -> int:
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> int:
-    from yoloprune.config import load_config
     from yoloprune.search import dashboard
 
-    config = load_config(args.config, _overrides(args))
+    config = _load_config(args)
     server, url = dashboard.bind(config, host=args.host, port=args.port)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         LOGGER.warning("the dashboard listens on %s: anyone who reaches it can edit and delete studies", args.host)

@@ -16,18 +16,17 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import optuna
 import pandas as pd
 
 from yoloprune.config import ExperimentConfig
 from yoloprune.config.objectives import ACCURACY_METRICS
 
-#: Importances need this many usable complete trials: PED-ANOVA compares the best quarter of them with all of them.
-MIN_IMPORTANCE_TRIALS = 10
 #: PED-ANOVA's "good" trials: the best quarter. Optuna's default (the best 10%) suits hundreds of trials; a
-#: search here runs tens, and its documentation asks for at least 5 trials in that set.
+#: search here runs tens, and Optuna's documentation asks for at least 5 trials in that set (20 trials here).
 TARGET_QUANTILE = 0.25
+#: Fewer usable trials than this and the best quarter is one or two trials: no importances, and ``n/a`` says why.
+MIN_IMPORTANCE_TRIALS = 10
 
 
 # --- hypervolume ----------------------------------------------------------------------------------------
@@ -231,4 +230,4 @@ def importance_table(result: Importances) -> pd.DataFrame:
     table = pd.DataFrame(result.by_objective).fillna(0.0)
     if table.empty:
         return table
-    return table.sort_values(table.columns[0], ascending=False).round(4).replace({np.nan: None})
+    return table.sort_values(table.columns[0], ascending=False).round(4)

@@ -108,7 +108,7 @@ def stored(study: optuna.Study) -> dict[str, Any] | None:
 def describe_agreement(tau: float, p: float, n: int) -> str:
     """``Kendall tau 0.80 (p = 0.08, n = 5)``: every place that shows a tau shows its p-value and n with it."""
     if not math.isfinite(tau):
-        return f"Kendall tau n/a (every value tied, n = {n})"
+        return f"Kendall tau n/a (p n/a, n = {n}: every value tied)"
     return f"Kendall tau {tau:.2f} ({format_p(p)}, n = {n})"
 
 
