@@ -144,7 +144,8 @@ class SearchResult:
 
     @property
     def best(self) -> TrialResult:
-        """The trial ``export --trial best`` ships: the fastest feasible one (see :meth:`select`)."""
+        """The trial ``export --trial best`` ships: the fastest feasible one (see :meth:`select`); a
+        :class:`~yoloprune.errors.ConfigError` when no trial is feasible."""
         return self.select()
 
     def select(
