@@ -711,7 +711,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=1))
         print(f"trained {info['checkpoint']} (its record: {Path(info['checkpoint']).with_suffix('.json')})")
         print("use it as `model:` in an experiment config; to ship it, copy both files to yoloprune/assets/ as")
-        print("demo_base.pt and demo_base.json and set SHIPPED_BASE_SHA256 in yoloprune/experiment/builtin.py to its sha256.")
+        print(
+            "demo_base.pt and demo_base.json and set SHIPPED_BASE_SHA256 in yoloprune/experiment/builtin.py to its sha256."
+        )
         return 0
     try:
         print(run_demo(Path(args.output), quick=args.quick, device=args.device, trials=args.trials,
