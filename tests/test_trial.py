@@ -42,6 +42,7 @@ def test_displays_take_each_epoch_and_close():
 def test_progress_bars_show_epochs_and_can_be_hidden(capsys):
     from yoloprune.log import epoch_progress, progress, set_progress
 
+    set_progress(True)
     with progress(2, "fine-tune") as bar:
         on_epoch = epoch_progress(bar)
         on_epoch(0, {"map50_95": 0.25})

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from yoloprune.device import default_device
 from yoloprune.errors import ConfigError, InternalError, YoloPruneError
-from yoloprune.log import get_logger, set_verbosity
+from yoloprune.log import get_logger, set_progress, set_verbosity
 from yoloprune.tables import format_table
 
 if TYPE_CHECKING:
@@ -34,6 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     if args.quiet:
         set_verbosity("WARNING")
+    set_progress(not getattr(args, "no_progress", False))  # the long steps' bars too, not only the trials'
     try:
         return int(args.func(args) or 0)
     except YoloPruneError as e:

@@ -16,7 +16,7 @@ from yoloprune.config import ExperimentConfig
 from yoloprune.data.check import held_out_subset
 from yoloprune.errors import ConfigError
 from yoloprune.experiment import Experiment, Session, prepare, start_session
-from yoloprune.log import get_logger, set_progress
+from yoloprune.log import get_logger
 from yoloprune.offline import ultralytics_quiet
 from yoloprune.search import screening
 from yoloprune.search.methods import get_method
@@ -55,7 +55,6 @@ def run_search(
         )
     for ratio in uniform:
         uniform_params(config, ratio)  # a bad ratio fails before any training
-    set_progress(progress)  # the baseline's and the methods' bars too
     exp = prepare(config)
     targeting = None
     if config.cost_target is not None and config.cost_target.latency_target is None:
