@@ -33,42 +33,33 @@ def export_onnx(
     device: str = "cpu",
 ) -> Path:
     """Export ``model`` to ``path`` exactly as ``yolo export format=onnx`` would (static or dynamic batch)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="yoloprune-onnx-") as tmp:
-        ckpt = save_checkpoint(model, Path(tmp) / "model.pt")
-        try:
-            with ultralytics_quiet():
-                out = YOLO(str(ckpt)).export(
-                    format="onnx",
-                    imgsz=imgsz,
-                    batch=batch,
-                    dynamic=dynamic,
-                    simplify=simplify,
-                    **({"quantize": 16} if half else {}),
-                    device=device,
-                    verbose=False,
-                )
-        except Exception as e:
-            raise EvaluatorError(f"ONNX export failed ({type(e).__name__}: {e}).") from e
-        shutil.move(str(out), path)
-    return path
+    half_args = {"quantize": 16} if half else {}
+    return _export(
+        model, path, "ONNX export", format="onnx", imgsz=imgsz, batch=batch, dynamic=dynamic, simplify=simplify,
+        **half_args, device=device,
+    )  # fmt: skip
 
 
 def export_engine_fp16(model: nn.Module, path: str | Path, *, imgsz: int, device: str = "0") -> Path:
     """An FP16 TensorRT engine (static batch 1) exactly as ``yolo export format=engine half=True`` writes it:
     Ultralytics' exporter, with its metadata header, so ``YOLO(path)`` loads and runs it. Needs TensorRT and a GPU."""
+    return _export(
+        model, path, "TensorRT engine export", format="engine", imgsz=imgsz, batch=1, dynamic=False, quantize=16,
+        device=device,
+    )  # fmt: skip
+
+
+def _export(model: nn.Module, path: str | Path, what: str, **args: object) -> Path:
+    """``model`` saved as an Ultralytics checkpoint, exported by Ultralytics' exporter with ``args``, moved to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="yoloprune-engine-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="yoloprune-export-") as tmp:
         ckpt = save_checkpoint(model, Path(tmp) / "model.pt")
         try:
             with ultralytics_quiet():
-                out = YOLO(str(ckpt)).export(
-                    format="engine", imgsz=imgsz, batch=1, dynamic=False, quantize=16, device=device, verbose=False
-                )
+                out = YOLO(str(ckpt)).export(**args, verbose=False)
         except Exception as e:
-            raise EvaluatorError(f"TensorRT engine export failed ({type(e).__name__}: {e}).") from e
+            raise EvaluatorError(f"{what} failed ({type(e).__name__}: {e}).") from e
         shutil.move(str(out), path)
     return path
 
