@@ -1,14 +1,28 @@
-"""The latency agent over 127.0.0.1: a token round trip, 401, 400, 413, and it keeps serving after each;
-the remote backend in a search-like measurement; an unreachable agent is a clear error."""
+"""The latency agent over 127.0.0.1: a token round trip; refusals (401, 400, 404, 411, 413) answered from the
+headers with the body unread; a bounded queue (503 + Retry-After) that the remote client waits out; a
+timeout that kills the measuring process so the next request is served; bounded connections; TLS; logs
+with the client's address; and an agent process that imports no torch, Ultralytics, Torch-Pruning, pandas
+or SQLAlchemy."""
 
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import json
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -20,16 +34,27 @@ from yoloprune.ultra.models import load_detector
 
 TOKEN = "s3cret"
 SPEC = LatencySpec(imgsz=64, warmup=1, min_runs=5, max_runs=10, cv_target=1.0, threads=1)
+#: A measurement that never ends on its own: only the agent's timeout stops it.
+ENDLESS = dataclasses.replace(SPEC, warmup=10**9)
+
+
+@contextmanager
+def serving(**options) -> Iterator[tuple[AgentServer, str]]:
+    options = {"token": TOKEN, "max_upload_mb": 40.0, "timeout_s": 120, **options}
+    server = AgentServer("127.0.0.1", 0, **options)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server, f"{server.scheme}://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
 def agent():
-    server = AgentServer("127.0.0.1", 0, token=TOKEN, max_upload_mb=40.0, timeout_s=120)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving() as (_, url):
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -37,28 +62,47 @@ def onnx_file(tmp_path_factory):
     return export_onnx(load_detector("yolov8n.yaml", nc=6), tmp_path_factory.mktemp("onnx") / "m.onnx", imgsz=64)
 
 
-def _post(url: str, body: bytes, token: str | None = TOKEN, query: str = "backend=onnxruntime&spec=%7B%7D"):
+@pytest.fixture
+def agent_log():
+    """The agent's log lines (the package logger does not propagate to pytest's)."""
+    records: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("yoloprune")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _post(url: str, body: bytes, token: str | None = TOKEN, spec: LatencySpec = SPEC):
+    query = urllib.parse.urlencode({"backend": "onnxruntime", "spec": json.dumps(dataclasses.asdict(spec))})
     request = urllib.request.Request(f"{url}/measure?{query}", data=body, method="POST")
     if token:
         request.add_header("Authorization", f"Bearer {token}")
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
+        with urllib.request.urlopen(request, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
 
-def _oversized(url: str, length: int):
+def _announce(url: str, length: int, *, token: str | None = TOKEN, query: str = "backend=onnxruntime", sent=b""):
+    """Send the headers of a ``length``-byte upload and ``sent`` of its body, then read the answer:
+    ``(status, body, headers, seconds, closed)``."""
     parsed = urllib.parse.urlparse(url)
-    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=30)
-    conn.putrequest("POST", "/measure?backend=onnxruntime")
-    conn.putheader("Authorization", f"Bearer {TOKEN}")
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+    start = time.monotonic()
+    conn.putrequest("POST", f"/measure?{query}")
+    if token:
+        conn.putheader("Authorization", f"Bearer {token}")
     conn.putheader("Content-Length", str(length))
-    conn.endheaders()
+    conn.endheaders(sent)
     response = conn.getresponse()
-    status, body = response.status, json.loads(response.read())
+    status, body, headers = response.status, json.loads(response.read()), dict(response.getheaders())
+    seconds = time.monotonic() - start
+    closed = conn.sock is None or conn.sock.recv(1) == b""  # the agent closed the connection
     conn.close()
-    return status, body
+    return status, body, headers, seconds, closed
 
 
 def _healthy(url: str) -> bool:
@@ -71,39 +115,153 @@ def test_round_trip_with_token(agent, onnx_file):
     result = remote.measure_file(onnx_file, SPEC)
     assert result.backend == "onnxruntime" and 5 <= result.runs <= 10 and result.median_ms > 0
     assert result.env["agent"] == agent and result.env["imgsz"] == 64
+    assert len(result.times_ms) == result.runs  # every run comes back, for pooling
 
 
-def test_bad_token_garbage_and_oversized_uploads(agent, onnx_file):
-    status, body = _post(agent, onnx_file.read_bytes(), token="wrong")
-    assert status == 401 and "token" in body["error"]
+@pytest.mark.parametrize(
+    ("case", "token", "query", "length", "status", "message"),
+    [
+        ("no token", None, "backend=onnxruntime", 30_000_000, 401, "token"),
+        ("wrong token", "wrong", "backend=onnxruntime", 30_000_000, 401, "token"),
+        ("unknown backend", TOKEN, "backend=tflite", 30_000_000, 400, "cannot run an ONNX file"),
+        ("bad spec", TOKEN, "spec=%7B%22bogus%22%3A1%7D", 30_000_000, 400, "spec must be"),
+        ("oversized", TOKEN, "backend=onnxruntime", 50_000_000, 413, "exceeds the agent's limit"),
+    ],
+)
+def test_refusals_come_from_the_headers_with_the_body_unread(agent, case, token, query, length, status, message):
+    """A client announcing tens of MB and sending 10 bytes is answered at once, and disconnected."""
+    got, body, _, seconds, closed = _announce(agent, length, token=token, query=query, sent=b"0123456789")
+    assert (got, closed) == (status, True) and message in body["error"]
+    assert seconds < 3  # not waiting for the body (the agent would wait read_timeout_s for it)
     assert _healthy(agent)
+
+
+def test_bad_uploads_are_400_and_it_keeps_serving(agent, onnx_file):
     status, body = _post(agent, b"this is not an onnx model")
     assert status == 400 and "not a valid ONNX model" in body["error"]
-    assert _healthy(agent)
-    status, body = _oversized(agent, 50_000_000)  # headers only: the agent answers before any body is sent
-    assert status == 413 and "exceeds the agent's limit" in body["error"]
-    assert _healthy(agent)
-    status, body = _post(agent, onnx_file.read_bytes(), query="backend=onnxruntime&spec=%7B%22bogus%22%3A1%7D")
-    assert status == 400 and "spec must be" in body["error"]
     status, _ = _post(agent, onnx_file.read_bytes())
     assert status == 200  # still serving real requests
 
 
-def test_int8_remote_measurement(agent, onnx_file, tmp_path):
-    """The search side sends a Q/DQ ONNX; a float upload with an int8 spec is quantized by the agent."""
-    import dataclasses
+def test_remote_client_names_a_refused_token_before_uploading(agent, onnx_file):
+    for token in ("wrong", ""):
+        with pytest.raises(EvaluatorError, match="refuses"):
+            get_backend("remote", url=agent, token=token).measure_file(onnx_file, SPEC)
 
-    from yoloprune.convert.quantize import is_quantized
 
-    int8 = dataclasses.replace(SPEC, precision="int8")
-    remote = get_backend("remote", url=agent, token=TOKEN)
-    sent: list[bool] = []
-    original = type(remote).measure_file
-    remote.measure_file = lambda path, spec: sent.append(is_quantized(path)) or original(remote, path, spec)  # type: ignore[method-assign]
-    result = remote.measure(load_detector("yolov8n.yaml", nc=6), int8, tmp_path)
-    assert sent == [True] and result.env["int8_qdq"] and result.env["precision"] == "int8"
-    float_upload = get_backend("remote", url=agent, token=TOKEN).measure_file(onnx_file, int8)
-    assert float_upload.env["int8_qdq"] and float_upload.model_bytes < onnx_file.stat().st_size / 2.5
+def test_timeout_kills_the_measurement_queue_answers_503_and_the_client_waits(onnx_file, agent_log):
+    with serving(timeout_s=5, queue=0) as (server, url):
+        endless = threading.Thread(target=lambda: results.append(_post(url, onnx_file.read_bytes(), spec=ENDLESS)))
+        results: list[tuple[int, dict]] = []
+        endless.start()
+        _wait_for(lambda: server.device.locked())  # the endless measurement holds the device
+        status, body, headers, seconds, closed = _announce(url, 30_000_000, sent=b"0123456789")
+        assert (status, closed) == (503, True) and "queue is full" in body["error"]
+        assert int(headers["Retry-After"]) >= 1 and seconds < 3
+        # The remote client is told 503 + Retry-After and asks again until the agent is free.
+        start = time.monotonic()
+        result = get_backend("remote", url=url, token=TOKEN, timeout_s=120).measure_file(onnx_file, SPEC)
+        waited = time.monotonic() - start
+        endless.join(30)
+        assert results[0][0] == 504 and "killed" in results[0][1]["error"]
+        assert result.runs >= 5 and waited < 60
+    killed = next(line for line in agent_log if "timeout" in line)
+    pid = int(killed.split("in process ")[1].split(":")[0])
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # the endless measurement's process is gone: the device is free
+    assert any("127.0.0.1" in line and "503" in line for line in agent_log)  # refusals logged with the address
+
+
+def test_next_request_is_served_at_once_after_a_504(onnx_file):
+    with serving(timeout_s=4) as (server, url):
+        status, _ = _post(url, onnx_file.read_bytes(), spec=ENDLESS)
+        assert status == 504 and not server.device.locked()
+        start = time.monotonic()
+        status, _ = _post(url, onnx_file.read_bytes(), spec=ENDLESS)  # would wait for the first if it still ran
+        assert status == 504 and time.monotonic() - start < 4 + 3
+
+
+def test_connections_are_bounded_and_silent_ones_dropped(agent_log):
+    with serving(max_connections=2, read_timeout_s=2) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        time.sleep(0.3)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"]
+        assert any("127.0.0.1 refused: 2 connections open" in line for line in agent_log)
+        for sock in idle:  # silent for read_timeout_s: dropped by the agent
+            sock.settimeout(10)
+            assert sock.recv(1) == b""
+            sock.close()
+        assert _healthy(url)
+        # An upload that stalls: answered 400 once the connection has been silent for read_timeout_s.
+        status, body, _, seconds, closed = _announce(url, 100, sent=b"only ten b")
+        assert (status, closed) == (400, True) and "upload ended after 10 of 100 bytes" in body["error"]
+        assert 1.5 < seconds < 10
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl (to make a self-signed certificate) is not installed")
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)  # fmt: skip
+    return cert, key
+
+
+def test_tls(certificate, onnx_file, agent_log):
+    cert, key = certificate
+    with serving(certfile=str(cert), keyfile=str(key)) as (_, url):
+        assert url.startswith("https://")
+        result = get_backend("remote", url=url, token=TOKEN, cafile=str(cert)).measure_file(onnx_file, SPEC)
+        assert result.runs >= 5
+        with pytest.raises(EvaluatorError, match="cafile"):  # a client that does not trust the certificate
+            get_backend("remote", url=url, token=TOKEN).health()
+        with pytest.raises(EvaluatorError, match="unreachable"):  # plain HTTP to the TLS port
+            get_backend("remote", url=url.replace("https", "http"), token=TOKEN, timeout_s=5).health()
+        assert get_backend("remote", url=url, token=TOKEN, cafile=str(cert)).health()["status"] == "ok"
+    assert any("TLS handshake failed" in line for line in agent_log)
+    with pytest.raises(ConfigError, match="--certfile"):
+        AgentServer("127.0.0.1", 0, token=None, keyfile=str(key))
+    with pytest.raises(ConfigError, match="cannot load the agent's TLS certificate"):
+        AgentServer("127.0.0.1", 0, token=None, certfile=str(key.parent / "missing.pem"))
+
+
+BLOCKER = '''
+import importlib.abc, sys
+HEAVY = {"torch", "ultralytics", "torch_pruning", "pandas", "sqlalchemy", "optuna", "pydantic", "cv2", "scipy"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in HEAVY:
+            raise ImportError(f"blocked: the agent must not import {name}")
+sys.meta_path.insert(0, Block())
+'''
+
+
+def test_agent_process_imports_no_torch_and_stays_small(onnx_file, tmp_path):
+    """`yoloprune agent` as an install with only the `agent` extra would run it: torch, Ultralytics,
+    Torch-Pruning, pandas, SQLAlchemy, Optuna, pydantic, OpenCV and SciPy cannot be imported, in the
+    agent and in its measuring processes."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.Popen([sys.executable, "-m", "yoloprune.cli", "agent", "--port", "0", "--token", TOKEN],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        banner = proc.stdout.readline()
+        assert "yoloprune agent on http://127.0.0.1:" in banner, proc.stderr.read() if proc.poll() else banner
+        url = banner.split(" on ")[1].split(" ")[0]
+        result = get_backend("remote", url=url, token=TOKEN).measure_file(onnx_file, SPEC)
+        assert result.runs >= 5
+        rss_mb = _rss_mb(proc.pid)
+        assert rss_mb < 150, f"the idle agent holds {rss_mb:.0f} MB"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "blocked" not in proc.stderr.read()
 
 
 def test_remote_backend_in_a_cached_measurement(agent, tmp_path):
@@ -117,17 +275,26 @@ def test_remote_backend_in_a_cached_measurement(agent, tmp_path):
     assert not cached and cached_again and again == first
 
 
+def test_int8_remote_measurement(agent, onnx_file, tmp_path):
+    """The search side sends a Q/DQ ONNX; a float upload with an int8 spec is quantized by the agent."""
+    from yoloprune.convert.quantize import is_quantized
+
+    int8 = dataclasses.replace(SPEC, precision="int8")
+    remote = get_backend("remote", url=agent, token=TOKEN)
+    sent: list[bool] = []
+    original = type(remote).measure_file
+    remote.measure_file = lambda path, spec: sent.append(is_quantized(path)) or original(remote, path, spec)  # type: ignore[method-assign]
+    result = remote.measure(load_detector("yolov8n.yaml", nc=6), int8, tmp_path)
+    assert sent == [True] and result.env["int8_qdq"] and result.env["precision"] == "int8"
+    float_upload = get_backend("remote", url=agent, token=TOKEN).measure_file(onnx_file, int8)
+    assert float_upload.env["int8_qdq"] and float_upload.model_bytes < onnx_file.stat().st_size / 2.5
+
+
 def test_upload_over_the_limit_is_refused_before_sending(onnx_file):
-    server = AgentServer("127.0.0.1", 0, token=None, max_upload_mb=1.0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        remote = get_backend("remote", url=f"http://127.0.0.1:{server.server_address[1]}", token="")
+    with serving(token=None, max_upload_mb=1.0) as (_, url):
+        remote = get_backend("remote", url=url, token="")
         with pytest.raises(EvaluatorError, match="over the agent's upload limit"):
             remote.measure_file(onnx_file, SPEC)
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_unreachable_agent_is_a_clear_error(onnx_file):
@@ -136,6 +303,24 @@ def test_unreachable_agent_is_a_clear_error(onnx_file):
         remote.measure_file(onnx_file, SPEC)
 
 
-def test_token_required_off_loopback():
+def test_bad_settings_are_clear_errors():
     with pytest.raises(ConfigError, match="give it a --token"):
         AgentServer("0.0.0.0", 0, token=None)
+    with pytest.raises(ConfigError, match="--queue"):
+        AgentServer("127.0.0.1", 0, token=None, queue=-1)
+    with pytest.raises(ConfigError, match="--timeout-s must be positive"):
+        AgentServer("127.0.0.1", 0, token=None, timeout_s=0)
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")

@@ -350,7 +350,9 @@ class RemoteTarget(_Target):
         url: the agent (``http://host:8765``).
         remote_backend: the runtime the agent uses: ``onnxruntime`` or ``tensorrt``.
         token_env: the environment variable holding the agent's token (read once at start-up).
-        timeout_s: how long one remote measurement may take (upload, engine build, timing).
+        timeout_s: how long one remote measurement may take (upload, queueing, engine build, timing).
+        cafile: for an ``https://`` agent, the CA certificate (PEM) that signed its certificate (a self-signed
+            certificate is its own CA); default: the system's CAs.
     """
 
     backend: Literal["remote"] = "remote"
@@ -358,6 +360,7 @@ class RemoteTarget(_Target):
     remote_backend: Literal["onnxruntime", "tensorrt"] = "onnxruntime"
     token_env: str = "YOLOPRUNE_AGENT_TOKEN"
     timeout_s: float = Field(900.0, gt=0)
+    cafile: str | None = None
 
 
 def _target_kind(value: Any) -> str:

@@ -33,8 +33,11 @@ class HardwareEvaluator:
             threads=local.threads if local else None, cuda_graph=local.cuda_graph if local else True,
         )  # fmt: skip
 
-    def measure(self, model: nn.Module, *, use_cache: bool = True) -> tuple[dict[str, float], dict[str, Any]]:
-        """``({"latency_ms.<target>": median}, {target: full statistics and environment})``."""
+    def measure(
+        self, model: nn.Module, *, use_cache: bool = True, times: bool = False
+    ) -> tuple[dict[str, float], dict[str, Any]]:
+        """``({"latency_ms.<target>": median}, {target: full statistics and environment})``; ``times`` adds
+        every timed run (``times_ms``, empty for a cached result)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         metrics: dict[str, float] = {}
         details: dict[str, Any] = {}
@@ -52,7 +55,7 @@ class HardwareEvaluator:
                     f"latency target '{t.name}' ({t.backend}) failed: {e}", stop_search=t.on_error == "stop"
                 ) from e
             metrics[f"latency_ms.{t.name}"] = result.median_ms
-            details[t.name] = {**result.as_dict(), "cached": cached}
+            details[t.name] = {**result.as_dict(times=times), "cached": cached}
         return metrics, details
 
 
@@ -64,4 +67,5 @@ def _options(target: LatencyTarget) -> dict[str, Any]:
         "token": os.environ.get(target.token_env),
         "remote_backend": target.remote_backend,
         "timeout_s": target.timeout_s,
+        "cafile": target.cafile,
     }

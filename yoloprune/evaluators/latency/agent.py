@@ -1,13 +1,29 @@
-"""``yoloprune agent``: a small HTTP service on the target device that times ONNX models it is sent.
+"""``yoloprune agent``: a small HTTP(S) service on the target device that times ONNX models it is sent.
 
-* ``GET /health``: ``{"status": "ok", "backends": [...], "max_upload_bytes": N}``.
+* ``GET /health``: ``{"status": "ok", "backends": [...], "max_upload_bytes": N, "queue": N}``; with an
+  ``Authorization`` header also ``"token_ok"`` (so a client learns of a wrong token before it uploads).
 * ``POST /measure?spec=<JSON LatencySpec fields>&backend=onnxruntime`` with the ONNX file as the body and
-  ``Authorization: Bearer <token>``: builds or loads the model on the device's runtime, times it, and
-  answers the :class:`LatencyResult` as JSON.
+  ``Authorization: Bearer <token>``: times the model on the device's runtime and answers the
+  :class:`LatencyResult` as JSON.
 
-It never unpickles anything (ONNX only, checked with the ONNX checker); uploads are size-limited (413);
-a token is required unless it listens on loopback only (401 on a wrong one); one measurement runs at a
-time, others queue, and each has a timeout (504). Bad input gets 400 with a message; it keeps serving.
+Hardening, in the order a request meets it:
+
+1. at most ``max_connections`` open connections (more get 503 at once), each dropped after
+   ``read_timeout_s`` of silence;
+2. path, ``Content-Length`` (411, 413), token (401) and query (400) are checked from the headers alone: a
+   refused upload is never read (the connection is closed after at most 64 KiB are drained, so the client
+   can read the answer);
+3. a bounded queue: one measurement runs, ``queue`` more may wait; beyond that 503 with ``Retry-After``.
+   An admitted upload streams to a temporary file, never into memory, so the agent's memory does not grow
+   with uploads or clients;
+4. each measurement runs in a fresh child process (spawned: no state shared with the server) that checks
+   the file with the ONNX checker (nothing is unpickled) and times it; past ``timeout_s`` the child is
+   killed and the client gets 504, so the device is free for the next request at once. A crash of the
+   runtime is a 500 and the agent keeps serving.
+
+TLS with ``certfile``/``keyfile``; every request and every refusal is logged with the client's address.
+The server process imports neither torch nor ONNX Runtime; the child imports only what its backend needs
+(``onnxruntime``: onnx, ONNX Runtime, NumPy; ``tensorrt`` also torch, for CUDA buffers).
 """
 
 from __future__ import annotations
@@ -15,11 +31,14 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import math
+import multiprocessing
+import socket
+import ssl
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import fields
+import time
+from dataclasses import asdict, dataclass, fields
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -27,37 +46,137 @@ from typing import Any
 from urllib.parse import parse_qs, urlparse
 
 from yoloprune.errors import ConfigError, YoloPruneError
-from yoloprune.evaluators.latency.base import LatencySpec, get_backend
+from yoloprune.evaluators.latency.base import LatencySpec
 from yoloprune.log import get_logger
 
 LOGGER = get_logger(__name__)
 
 #: Backends the agent can run a file with (they implement ``measure_file``).
 FILE_BACKENDS = ("onnxruntime", "tensorrt")
+#: What a refused request may still have sent of its body: drained, not read, so the client sees the answer.
+_DRAIN_BYTES = 64 * 1024
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class AgentLimits:
+    """The agent's bounds.
+
+    Attributes:
+        max_upload_mb: largest accepted upload (413 above).
+        timeout_s: longest one measurement may run before its process is killed (504).
+        queue: measurements that may wait behind the running one (503 beyond).
+        max_connections: open connections at once (503 beyond).
+        read_timeout_s: a connection silent this long is dropped.
+    """
+
+    max_upload_mb: float = 256.0
+    timeout_s: float = 900.0
+    queue: int = 4
+    max_connections: int = 32
+    read_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_upload_mb", "timeout_s", "read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"agent --{name.replace('_', '-')} must be positive, not {getattr(self, name)}.")
+        if self.queue < 0 or self.max_connections < 1:
+            raise ConfigError("agent --queue must be >= 0 and --max-connections >= 1.")
 
 
 class AgentServer(ThreadingHTTPServer):
-    """The agent's HTTP server; ``serve_forever()`` to run, ``shutdown()`` to stop."""
+    """The agent's HTTP server; ``serve_forever()`` to run, ``shutdown()`` then ``server_close()`` to stop.
+
+    Args:
+        host, port: where to listen (port 0: any free port).
+        token: the bearer token; required unless ``host`` is loopback.
+        limits: see :class:`AgentLimits` (``max_upload_mb`` and ``timeout_s`` may be given directly).
+        certfile, keyfile: serve HTTPS with this certificate chain and key (PEM).
+    """
 
     daemon_threads = True
 
     def __init__(
-        self, host: str, port: int, *, token: str | None, max_upload_mb: float = 256.0, timeout_s: float = 600.0
+        self,
+        host: str,
+        port: int,
+        *,
+        token: str | None,
+        limits: AgentLimits | None = None,
+        certfile: str | None = None,
+        keyfile: str | None = None,
+        **limit_fields: Any,
     ) -> None:
         if not token and not _is_loopback(host):
             raise ConfigError(
                 f"the agent listens on {host}, not loopback only: give it a --token (or YOLOPRUNE_AGENT_TOKEN)."
             )
+        self.limits = limits or AgentLimits(**limit_fields)
+        self.tls = _tls_context(certfile, keyfile)
+        if self.tls is None and not _is_loopback(host):
+            LOGGER.warning("agent: plain HTTP on %s: the token and the models travel in clear text; serve HTTPS "
+                           "with --certfile/--keyfile (README: Remote devices)", host)  # fmt: skip
         super().__init__((host, port), _Handler)
         self.token = token
-        self.max_upload = int(max_upload_mb * 1e6)
-        self.timeout_s = timeout_s
-        self.worker = ThreadPoolExecutor(max_workers=1)  # one measurement at a time; the rest queue
-        self.lock = threading.Lock()
+        self.max_upload = int(self.limits.max_upload_mb * 1e6)
+        self.admitted = threading.BoundedSemaphore(self.limits.queue + 1)  # running + waiting
+        self.device = threading.Lock()  # one measurement at a time
+        self.connections = threading.BoundedSemaphore(self.limits.max_connections)
+        self.mean_measure_s = 10.0  # for Retry-After; updated after each measurement
+        self.last_child_pid: int | None = None
 
-    def server_close(self) -> None:
-        super().server_close()
-        self.worker.shutdown(wait=False, cancel_futures=True)
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls else "http"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.connections.acquire(blocking=False):
+            LOGGER.warning("agent: %s refused: %d connections open", client_address[0], self.limits.max_connections)
+            _answer_busy(request, self.retry_after())
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        request.settimeout(self.limits.read_timeout_s)
+        if self.tls is None:
+            self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
+            return
+        try:  # the handshake runs here, in the connection's thread, not in the accepting one
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError) as e:
+            LOGGER.warning("agent: %s TLS handshake failed: %s", client_address[0], e)
+            return
+        try:
+            self.RequestHandlerClass(wrapped, client_address, self)  # type: ignore[arg-type]
+        finally:
+            wrapped.close()
+
+    def retry_after(self) -> int:
+        """Seconds a refused client should wait: about one measurement."""
+        return max(1, math.ceil(self.mean_measure_s))
+
+    def measure(self, path: Path, backend: str, spec: LatencySpec, client: str) -> tuple[str, Any]:
+        """Run one measurement in a child process, waiting for the device; ``(outcome, payload)``."""
+        with self.device:
+            start = time.monotonic()
+            outcome, payload, pid = _run_child(path, backend, spec, self.limits.timeout_s)
+            elapsed = time.monotonic() - start
+            self.last_child_pid = pid
+        if outcome == "ok":
+            self.mean_measure_s = 0.7 * self.mean_measure_s + 0.3 * elapsed
+        LOGGER.info("agent: %s measurement in process %s: %s after %.1f s", client, pid, outcome, elapsed)
+        return outcome, payload
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -65,57 +184,90 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format: str, *args: Any) -> None:
-        LOGGER.info("agent: %s %s", self.address_string(), format % args)
+        LOGGER.info("agent: %s %s", self.client_address[0], format % args)
+
+    def log_error(self, format: str, *args: Any) -> None:
+        LOGGER.warning("agent: %s %s", self.client_address[0], format % args)
+
+    def handle_expect_100(self) -> bool:
+        """``Expect: 100-continue`` is answered once the request is admitted (:meth:`do_POST`), not at once:
+        a client that waits for it sends no byte of a refused upload."""
+        return True
 
     def do_GET(self) -> None:
         if urlparse(self.path).path != "/health":
             return self._reply(HTTPStatus.NOT_FOUND, {"error": "unknown path; use GET /health or POST /measure"})
-        available = []
-        for name in FILE_BACKENDS:
-            try:
-                get_backend(name)
-                available.append(name)
-            except YoloPruneError:
-                pass
-        return self._reply(
-            HTTPStatus.OK, {"status": "ok", "backends": available, "max_upload_bytes": self.server.max_upload}
-        )
+        payload: dict[str, Any] = {"status": "ok", "backends": _available_backends(),
+                                   "max_upload_bytes": self.server.max_upload, "queue": self.server.limits.queue}  # fmt: skip
+        if "Authorization" in self.headers:
+            payload["token_ok"] = self._authorized()
+        return self._reply(HTTPStatus.OK, payload)
 
     def do_POST(self) -> None:
-        url = urlparse(self.path)
-        if url.path != "/measure":
-            return self._reply(HTTPStatus.NOT_FOUND, {"error": "unknown path; use POST /measure"})
+        refusal = self._refusal()
+        if refusal is not None:
+            return self._refuse(*refusal)
+        backend, spec = _parse_query(urlparse(self.path).query)
+        if not self.server.admitted.acquire(blocking=False):
+            return self._refuse(
+                HTTPStatus.SERVICE_UNAVAILABLE,
+                f"the agent's queue is full ({self.server.limits.queue} waiting); retry later",
+                {"Retry-After": str(self.server.retry_after())},
+            )
+        try:
+            with tempfile.TemporaryDirectory(prefix="yoloprune-agent-") as tmp:
+                path = Path(tmp) / "model.onnx"
+                if self.headers.get("Expect", "").lower() == "100-continue":
+                    self.send_response_only(HTTPStatus.CONTINUE)
+                    self.end_headers()
+                if not self._receive(path, int(self.headers["Content-Length"])):
+                    return None
+                outcome, payload = self.server.measure(path, backend, spec, self.client_address[0])
+        finally:
+            self.server.admitted.release()
+        status = {"ok": HTTPStatus.OK, "bad": HTTPStatus.BAD_REQUEST, "timeout": HTTPStatus.GATEWAY_TIMEOUT}
+        if outcome == "timeout":
+            payload = f"measurement took over {self.server.limits.timeout_s} s; its process was killed"
+        if outcome != "ok":
+            self.log_error("measurement refused or failed (%s): %s", outcome, payload)
+            payload = {"error": payload}
+        return self._reply(status.get(outcome, HTTPStatus.INTERNAL_SERVER_ERROR), payload)
+
+    def _refusal(self) -> tuple[HTTPStatus, str] | None:
+        """Why the request is refused, from its headers alone (None: go on)."""
+        if urlparse(self.path).path != "/measure":
+            return HTTPStatus.NOT_FOUND, "unknown path; use POST /measure"
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
-            return self._reply(HTTPStatus.LENGTH_REQUIRED, {"error": "Content-Length is required"})
+            return HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"
         if int(length) > self.server.max_upload:
-            self.close_connection = True  # the body is not read
-            return self._reply(
-                HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                {"error": f"upload of {int(length)} bytes exceeds the agent's limit of {self.server.max_upload} bytes"},
-            )
-        body = self.rfile.read(int(length))  # read even when refusing, so the client can read the answer
+            return (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
+                    f"upload of {int(length)} bytes exceeds the agent's limit of {self.server.max_upload} bytes")  # fmt: skip
         if not self._authorized():
-            return self._reply(HTTPStatus.UNAUTHORIZED, {"error": "missing or wrong token (Authorization: Bearer ...)"})
+            return HTTPStatus.UNAUTHORIZED, "missing or wrong token (Authorization: Bearer ...)"
         try:
-            backend, spec = _parse_query(url.query)
-            _check_onnx_bytes(body)
+            _parse_query(urlparse(self.path).query)
         except (ValueError, TypeError) as e:
-            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-        future = self.server.worker.submit(_measure, body, backend, spec)
-        try:
-            result = future.result(timeout=self.server.timeout_s)
-        except FutureTimeout:
-            future.cancel()
-            return self._reply(
-                HTTPStatus.GATEWAY_TIMEOUT, {"error": f"measurement took over {self.server.timeout_s} s"}
-            )
-        except YoloPruneError as e:
-            return self._reply(HTTPStatus.BAD_REQUEST, {"error": str(e)})
-        except Exception as e:  # a runtime failure must not take the agent down
-            LOGGER.exception("agent: measurement failed")
-            return self._reply(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"{type(e).__name__}: {e}"})
-        return self._reply(HTTPStatus.OK, result)
+            return HTTPStatus.BAD_REQUEST, str(e)
+        return None
+
+    def _receive(self, path: Path, length: int) -> bool:
+        """Stream the body to ``path``; False (answered 400) when the client sends less than announced."""
+        received = 0
+        with open(path, "wb") as f:
+            while received < length:
+                try:
+                    chunk = self.rfile.read1(min(_CHUNK, length - received))
+                except (TimeoutError, OSError):
+                    chunk = b""
+                if not chunk:
+                    self.close_connection = True
+                    self.log_error("upload ended after %d of %d bytes", received, length)
+                    self._reply(HTTPStatus.BAD_REQUEST, {"error": f"upload ended after {received} of {length} bytes"})
+                    return False
+                f.write(chunk)
+                received += len(chunk)
+        return True
 
     def _authorized(self) -> bool:
         if not self.server.token:
@@ -123,15 +275,47 @@ class _Handler(BaseHTTPRequestHandler):
         given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         return hmac.compare_digest(given.encode(), self.server.token.encode())
 
-    def _reply(self, status: HTTPStatus, payload: dict[str, Any]) -> None:
+    def _refuse(self, status: HTTPStatus, error: str, headers: dict[str, str] | None = None) -> None:
+        """Answer without reading the body, then close: drain at most 64 KiB so the client sees the answer."""
+        self.log_error("refused %s %s: %d %s", self.command, urlparse(self.path).path, status, error)
+        self.close_connection = True
+        self._reply(status, {"error": error}, headers)
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            drained = 0
+            while drained < _DRAIN_BYTES:
+                chunk = self.connection.recv(min(16384, _DRAIN_BYTES - drained))
+                if not chunk:
+                    break
+                drained += len(chunk)
+        except (OSError, ValueError):
+            pass
+
+    def _reply(self, status: HTTPStatus, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data)
+
+
+def _answer_busy(request: socket.socket, retry_after: int) -> None:
+    """A bare 503 written by the accepting thread when every connection slot is taken."""
+    body = b'{"error": "the agent has too many open connections; retry later"}'
+    head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Retry-After: {retry_after}\r\nConnection: close\r\n\r\n")  # fmt: skip
+    try:
+        request.settimeout(1.0)
+        request.sendall(head.encode() + body)
+    except OSError:
+        pass
 
 
 def _parse_query(query: str) -> tuple[str, LatencySpec]:
@@ -149,23 +333,79 @@ def _parse_query(query: str) -> tuple[str, LatencySpec]:
     return backend, LatencySpec(**raw)
 
 
-def _check_onnx_bytes(body: bytes) -> None:
+def _available_backends() -> list[str]:
+    from yoloprune.registry import LATENCY_BACKENDS
+
+    return [name for name in FILE_BACKENDS if LATENCY_BACKENDS.get(name).available()]
+
+
+def _run_child(path: Path, backend: str, spec: LatencySpec, timeout_s: float) -> tuple[str, Any, int | None]:
+    """``(outcome, payload, pid)`` of one measurement in a spawned process; killed past ``timeout_s``.
+
+    Outcomes: ``ok`` (the result's dict), ``bad`` (the input's fault: 400), ``error`` (the runtime's: 500),
+    ``crash`` (the process died: 500), ``timeout`` (504).
+    """
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child_main, args=(sender, str(path), backend, asdict(spec)), daemon=True)
+    process.start()
+    sender.close()
+    try:
+        if not receiver.poll(timeout_s):
+            return "timeout", None, process.pid
+        try:
+            outcome, payload = receiver.recv()
+        except EOFError:
+            process.join(5)
+            return "crash", f"the measuring process died (exit code {process.exitcode})", process.pid
+        return outcome, payload, process.pid
+    finally:
+        if process.is_alive():
+            process.kill()
+        process.join(5)
+        receiver.close()
+
+
+def _child_main(sender: Any, path: str, backend: str, spec: dict[str, Any]) -> None:
+    """The measuring process: check the file, time it, send ``(outcome, payload)`` back."""
+    from yoloprune.evaluators.latency.base import get_backend
+
+    try:
+        _check_onnx_file(Path(path))
+        result = get_backend(backend).measure_file(Path(path), LatencySpec(**spec))  # type: ignore[attr-defined]
+        message: tuple[str, Any] = ("ok", result.as_dict())
+    except (ValueError, YoloPruneError) as e:
+        message = ("bad", str(e))
+    except Exception as e:  # the runtime's failure: reported, the agent keeps serving
+        message = ("error", f"{type(e).__name__}: {e}")
+    sender.send(message)
+    sender.close()
+
+
+def _check_onnx_file(path: Path) -> None:
     import onnx
 
     try:
-        model = onnx.load_model_from_string(body)
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(onnx.load_model(str(path)))
     except Exception as e:
         raise ValueError(f"the upload is not a valid ONNX model ({type(e).__name__}: {str(e)[:300]})") from e
 
 
-def _measure(body: bytes, backend: str, spec: LatencySpec) -> dict[str, Any]:
-    runner = get_backend(backend)
-    with tempfile.TemporaryDirectory(prefix="yoloprune-agent-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        path.write_bytes(body)
-        result = runner.measure_file(path, spec)  # type: ignore[attr-defined]
-    return result.as_dict()
+def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:
+    if not certfile:
+        if keyfile:
+            raise ConfigError("agent --keyfile needs --certfile too (the certificate chain, PEM).")
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(
+            f"cannot load the agent's TLS certificate '{certfile}'"
+            f"{f' and key {keyfile!r}' if keyfile else ''}: {e}. Give PEM files (--certfile, --keyfile)."
+        ) from e
+    return context
 
 
 def _is_loopback(host: str) -> bool:

@@ -9,12 +9,13 @@ import json
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from yoloprune.errors import BackendUnavailableError
 from yoloprune.registry import LATENCY_BACKENDS
+
+if TYPE_CHECKING:
+    from torch import nn
 
 Precision = Literal["fp32", "fp16", "int8"]
 
@@ -57,7 +58,8 @@ class LatencySpec:
 
 @dataclass(frozen=True)
 class LatencyResult:
-    """Statistics of one measurement, in milliseconds per batch."""
+    """Statistics of one measurement, in milliseconds per batch; ``times_ms`` holds every timed run (for
+    pooling several measurements: percentiles of a pool are not the median of percentiles)."""
 
     backend: str
     median_ms: float
@@ -69,9 +71,14 @@ class LatencyResult:
     peak_memory_mb: float | None
     model_bytes: int | None
     env: dict[str, Any] = field(default_factory=dict)
+    times_ms: list[float] = field(default_factory=list, compare=False, repr=False)
 
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    def as_dict(self, times: bool = True) -> dict[str, Any]:
+        """The record as JSON-able values; ``times=False`` leaves out the runs (what caches and trials store)."""
+        d = asdict(self)
+        if not times:
+            d.pop("times_ms")
+        return d
 
     @classmethod
     def from_times(
@@ -88,7 +95,7 @@ class LatencyResult:
 
         s = summarize(times)
         return cls(backend, s["median_ms"], s["p90_ms"], s["p99_ms"], s["mean_ms"], s["cv"], int(s["runs"]),
-                   peak_memory_mb, model_bytes, env)  # fmt: skip
+                   peak_memory_mb, model_bytes, env, [float(t) for t in times])  # fmt: skip
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyResult:

@@ -43,5 +43,5 @@ def measure_latency(
     with tempfile.TemporaryDirectory(prefix="yoloprune-latency-", dir=workdir) as tmp:
         result = runner.measure(model, spec, Path(tmp))
     if store is not None:
-        store.save_latency(key, result.as_dict())
+        store.save_latency(key, result.as_dict(times=False))
     return result, False

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
 from yoloprune.errors import BackendUnavailableError, EvaluatorError
 from yoloprune.evaluators.latency.base import (
@@ -20,6 +20,9 @@ from yoloprune.evaluators.latency.base import (
     importable,
 )
 from yoloprune.evaluators.latency.stats import time_until_stable
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class OnnxRuntimeBackend(LatencyBackend):

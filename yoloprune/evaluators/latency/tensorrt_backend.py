@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from yoloprune.errors import EvaluatorError
 from yoloprune.evaluators.latency.base import (
@@ -26,6 +24,9 @@ from yoloprune.evaluators.latency.base import (
     importable,
 )
 from yoloprune.evaluators.latency.stats import time_until_stable
+
+if TYPE_CHECKING:
+    from torch import nn
 
 WORKSPACE_BYTES = 1 << 30
 
