@@ -66,7 +66,10 @@ def load_detector(source: str | Path | nn.Module | Model, *, nc: int | None = No
     model.float()
     for p in model.parameters():
         p.requires_grad_(True)
-    return check_detector(model)
+    try:
+        return check_detector(model)
+    except ModelError as e:
+        raise ModelError(f"'{text}': {e}") from e
 
 
 def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
@@ -76,13 +79,53 @@ def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # torch raises many types for a file that is not a checkpoint
-        raise ModelError(f"'{path}' is not a YOLO checkpoint: torch.load failed ({type(e).__name__}: {e}).") from e
+        raise ModelError(_unreadable(path, e)) from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("ema") or ckpt.get("model"), nn.Module):
-        raise ModelError(
-            f"'{path}' is not a YOLO checkpoint: expected a dict holding a 'model' or 'ema' module, "
-            f"got {type(ckpt).__name__}. Pass a .pt written by Ultralytics or by yoloprune."
-        )
+        raise ModelError(_not_a_checkpoint(path, ckpt))
     return ckpt
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """The message for a ``.pt`` that ``torch.load`` cannot read: truncated, foreign classes, or not PyTorch."""
+    first = str(error).split(". ")[0].splitlines()[0] if str(error).strip() else ""  # torch's advice runs long
+    text = f"{type(error).__name__}: {first}"
+    if isinstance(error, EOFError) or any(m in str(error) for m in ("PytorchStreamReader", "truncated")):
+        return (
+            f"checkpoint '{path}' is truncated or corrupt ({path.stat().st_size:,} bytes; torch.load: {text}). Copy "
+            "or download it again and compare its size with the original; a .pt is a zip archive and this one is cut short."
+        )
+    if isinstance(error, ModuleNotFoundError | AttributeError):
+        return (
+            f"checkpoint '{path}' pickles a class this environment cannot import ({text}): it was written by other "
+            "code or another Ultralytics version (installed: ultralytics "
+            f"{_ultralytics_version()}). Load it where it was made and re-save it, or install that version."
+        )
+    return (
+        f"'{path}' is not a PyTorch checkpoint (torch.load: {text}). Pass the .pt the Ultralytics trainer wrote "
+        "(runs/detect/train/weights/best.pt)."
+    )
+
+
+def _not_a_checkpoint(path: Path, ckpt: object) -> str:
+    """The message for a ``.pt`` that loads but holds no model module (a state_dict, a tensor, other data)."""
+    if isinstance(ckpt, dict):
+        inner = ckpt.get("ema") or ckpt.get("model")
+        what = f"a dict with keys {sorted(map(str, ckpt))[:8]}"
+        if isinstance(inner, dict):
+            what = "a dict whose 'model' is a state_dict (weights without the architecture)"
+    else:
+        what = f"a {type(ckpt).__name__}"
+    return (
+        f"'{path}' is not a YOLO checkpoint: it holds {what}, and yoloprune needs a dict holding the 'model' or "
+        "'ema' module. Pass the .pt the Ultralytics trainer wrote (runs/detect/train/weights/best.pt) or one "
+        "written by yoloprune."
+    )
+
+
+def _ultralytics_version() -> str:
+    import ultralytics
+
+    return str(ultralytics.__version__)
 
 
 def check_detector(model: nn.Module) -> DetectionModel:
