@@ -110,7 +110,7 @@ def test_every_retried_storage_call_exists_on_rdb_storage():
         for n, v in vars(RetryingRDBStorage).items()
         if callable(v) and n not in ("set_trial_attrs", "note_on_finished_trial")
     ]
-    assert len(retried) >= 21
+    assert len(retried) >= 26
     for name in retried:
         assert callable(getattr(RDBStorage, name, None)), f"RDBStorage.{name} is gone"
     # Every public storage method Optuna's study and trials call is retried (a new one must be added).
@@ -120,6 +120,44 @@ def test_every_retried_storage_call_exists_on_rdb_storage():
                "delete_study", "get_n_trials", "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs",
                "get_trial_number_from_id", "get_trial_param"} | set(retried)  # fmt: skip
     assert public == set(), f"RDBStorage methods not retried by RetryingRDBStorage: {sorted(public)}"
+
+
+def test_every_storage_call_of_optunas_cache_is_retried():
+    """Optuna's cache calls some private methods of the RDB storage directly (creating a trial, reading trials):
+    each must be retried by RetryingRDBStorage too, and the public ones that only delegate to them must not retry
+    again (a retry around a retry multiplies the wait)."""
+    import re
+
+    from optuna.storages import RDBStorage
+    from optuna.storages._cached_storage import _CachedStorage
+
+    from yoloprune.storage.optuna_adapter import RetryingRDBStorage
+
+    called = set(re.findall(r"self\._backend\.(_[a-z_]+)\(", inspect.getsource(_CachedStorage)))
+    assert {"_create_new_trial", "_get_trials"} <= called, "Optuna's cache no longer calls what it did"
+    assert called <= set(vars(RetryingRDBStorage)), f"not retried: {sorted(called - set(vars(RetryingRDBStorage)))}"
+    for public, private in [("create_new_trial", "_create_new_trial"), ("set_trial_param", "_set_trial_param"),
+                            ("get_all_trials", "_get_trials"), ("get_best_trial", "_get_best_trial_id")]:  # fmt: skip
+        assert f"self.{private}(" in inspect.getsource(getattr(RDBStorage, public)), (
+            f"{public} no longer calls {private}"
+        )
+        assert not hasattr(vars(RetryingRDBStorage)[public], "__wrapped__"), f"{public} is retried twice"
+
+
+def test_trial_creation_internals_the_idempotent_retry_uses():
+    """RetryingRDBStorage._create_new_trial keys each new trial: it relies on Optuna creating it from a template
+    through _get_prepared_new_trial, in the transaction that locks the study, and retrying inside."""
+    from optuna.storages import RDBStorage
+
+    source = inspect.getsource(RDBStorage._create_new_trial)
+    assert "for_update=True" in source and "self._get_prepared_new_trial(study_id, template_trial, session)" in source
+    assert list(inspect.signature(RDBStorage._get_prepared_new_trial).parameters) == [
+        "self", "study_id", "template_trial", "session",
+    ]  # fmt: skip
+    prepared = inspect.getsource(RDBStorage._get_prepared_new_trial)
+    assert (
+        "template_trial.system_attrs.items()" in prepared and "datetime_start=template_trial.datetime_start" in prepared
+    )
 
 
 def test_batched_constraints_match_what_set_constraint_writes(tmp_path):

@@ -11,8 +11,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from yoloprune.errors import StorageError
-from yoloprune.storage import db
-from yoloprune.storage.db import is_transient, retry_transient
+from yoloprune.storage import retry
+from yoloprune.storage.retry import is_transient, retry_transient
 
 
 def _wrapped(orig: BaseException, base: type[Exception], *, invalidated: bool = False) -> BaseException:
@@ -105,7 +105,7 @@ def test_errors_of_no_database_driver_are_not_transient():
 
 
 def test_retry_transient_retries_a_lock_and_raises_a_missing_table_at_once(tmp_path, monkeypatch):
-    monkeypatch.setattr(db, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
+    monkeypatch.setattr(retry, "RETRY_DELAYS_S", (0.0, 0.0, 0.0))
     path = tmp_path / "db.sqlite"
     holder = sqlite3.connect(path, isolation_level=None)
     holder.execute("CREATE TABLE t (x INTEGER)")

@@ -6,25 +6,23 @@ latency measurements (a cache keyed by architecture, backend and spec), and the 
 
 The schema is versioned (``yp_meta``): a new database is created at the current version; an older one
 is refused with the command that upgrades it in place (``yoloprune db upgrade``), never silently changed.
-Transient connection errors (a database restart, a dropped connection) are retried with backoff.
+Transient connection errors (a database restart, a dropped connection) are retried with backoff, and every
+retried write is safe to repeat: a commit whose acknowledgement was lost is not written a second time (each
+write method says why). Named locks (:meth:`Store.lock`) wait a bounded time (:mod:`yoloprune.storage.locks`).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
 import re
 import socket
-import sqlite3
-import sys
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -39,89 +37,20 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DBAPIError,
-    IntegrityError,
-    NoSuchModuleError,
-    SQLAlchemyError,
-)
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from yoloprune.errors import BackendUnavailableError, StorageError
 from yoloprune.log import get_logger
+from yoloprune.storage.locks import advisory_lock, file_lock, lock_timeout_from_env
+
+# is_transient and retry_transient lived here before storage.retry: still importable from here.
+from yoloprune.storage.retry import is_transient, lost_insert_race, retry_transient, retry_write  # noqa: F401
 
 LOGGER = get_logger(__name__)
 
 #: Version of yoloprune's tables. 1: experiments, baselines, artifacts, latency. 2: + yp_meta, yp_workers.
 SCHEMA_VERSION = 2
-
-#: Waits between attempts when the database is briefly unreachable (about 30 s in all).
-RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0)
-
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-#: PostgreSQL SQLSTATEs a retry may cure, besides class 08 (connection exception) as a whole: the server shut
-#: down (admin_shutdown, crash_shutdown), is starting up (cannot_connect_now), ended an idle session
-#: (idle_session_timeout) or has no connection slot free (too_many_connections).
-TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300"})
-
-#: SQLite primary result codes a retry may cure: SQLITE_BUSY (another connection writes), SQLITE_LOCKED.
-TRANSIENT_SQLITE_CODES = frozenset({5, 6})
-
-
-def _transient_driver_error(error: BaseException | None) -> bool:
-    """Whether ``error``, a database driver's own exception, is one a retry may cure: by its class and code."""
-    if isinstance(error, sqlite3.OperationalError):
-        code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
-        if code is None:  # Python 3.10: SQLite's fixed wording of SQLITE_BUSY and SQLITE_LOCKED
-            return str(error) in ("database is locked", "database table is locked")
-        return code & 0xFF in TRANSIENT_SQLITE_CODES  # an extended code (SQLITE_BUSY_SNAPSHOT...) holds its primary
-    for module, code_attribute in (("psycopg", "sqlstate"), ("psycopg2", "pgcode")):
-        driver = sys.modules.get(module)  # optional extras: an error of theirs exists only once they are imported
-        if driver is not None and isinstance(error, driver.OperationalError):
-            sqlstate = getattr(error, code_attribute, None)
-            # No SQLSTATE: libpq itself failed (connection refused, lost or timed out), no server answered.
-            return sqlstate is None or sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
-    return False
-
-
-def is_transient(error: BaseException | None) -> bool:
-    """A lost or refused connection or a busy SQLite file, which a retry may cure (not a missing table or a
-    constraint). Judged by the driver's error class and code (SQLSTATE, SQLite result code), not by its text
-    (but on Python 3.10, whose sqlite3 errors carry no code)."""
-    while error is not None:
-        if isinstance(error, DBAPIError) and error.connection_invalidated:
-            return True
-        if _transient_driver_error(error.orig if isinstance(error, DBAPIError) else error):
-            return True
-        error = error.__cause__
-    return False
-
-
-def retry_transient(fn: Callable[P, R]) -> Callable[P, R]:
-    """Retry ``fn`` with backoff while it fails with a transient database error."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        for delay in RETRY_DELAYS_S:
-            try:
-                return fn(*args, **kwargs)
-            except Exception as e:
-                if not is_transient(e):
-                    raise
-                LOGGER.warning("storage unreachable (%s); retrying in %.1f s", str(e).splitlines()[0][:200], delay)
-                time.sleep(delay)
-        return fn(*args, **kwargs)
-
-    return wrapper
-
-
-def lost_insert_race(e: BaseException) -> bool:
-    """True when ``e`` is a unique-key violation: another process inserted the same row first."""
-    return isinstance(e, IntegrityError) or isinstance(e.__cause__, IntegrityError)
 
 
 def _now() -> datetime:
@@ -288,10 +217,17 @@ class Store:
 
     A database without yoloprune's tables gets them at the current schema version; an older version is
     refused with the command that upgrades it (``upgrade=True`` upgrades it, as ``yoloprune db upgrade``).
+    ``lock_timeout_s`` bounds every wait for a :meth:`lock` (default: ``$YOLOPRUNE_LOCK_TIMEOUT_S``, else
+    :data:`~yoloprune.storage.locks.LOCK_TIMEOUT_S`).
+
+    Every write is retried on transient errors and is safe to repeat after a lost acknowledgement: an update
+    sets absolute values, an insert looks first for the row it would add (by a natural or idempotency key).
     """
 
-    def __init__(self, url: str, *, upgrade: bool = False) -> None:
+    def __init__(self, url: str, *, upgrade: bool = False, lock_timeout_s: float | None = None) -> None:
         self.url = url
+        #: How long :meth:`lock` waits (None: ``$YOLOPRUNE_LOCK_TIMEOUT_S``, else 30 min).
+        self.lock_timeout_s = lock_timeout_from_env() if lock_timeout_s is None else lock_timeout_s
         self.engine = engine_for(url)
         try:
             self._check_schema(upgrade)
@@ -336,31 +272,23 @@ class Store:
             _set_version(conn, SCHEMA_VERSION)
 
     @contextmanager
-    def lock(self, name: str) -> Iterator[None]:
+    def lock(self, name: str, *, timeout_s: float | None = None) -> Iterator[None]:
         """Hold a lock named ``name`` across processes and machines sharing this database.
 
         PostgreSQL: a session-level advisory lock. SQLite (one machine): a lock file beside the database.
+        Waits ``timeout_s`` (default :attr:`lock_timeout_s`) at most, then raises a StorageError naming the
+        process that holds it (host, pid, since when) and how to free it.
         """
-        digest = hashlib.sha256(name.encode()).digest()
-        if self.engine.dialect.name == "postgresql":
-            key = int.from_bytes(digest[:8], "big", signed=True)
-            with self.engine.connect() as conn:
-                conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
-                conn.commit()
-                try:
-                    yield
-                finally:
-                    conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                    conn.commit()
-            return
+        timeout = self.lock_timeout_s if timeout_s is None else timeout_s
         database = self.engine.url.database
-        if self.engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
-            from filelock import FileLock
-
-            with FileLock(f"{database}.{digest[:6].hex()}.lock"):
+        if self.engine.dialect.name == "postgresql":
+            with advisory_lock(self.engine, name, timeout):
                 yield
-            return
-        yield
+        elif self.engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
+            with file_lock(database, name, timeout):
+                yield
+        else:  # an in-memory database belongs to this process alone
+            yield
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -382,7 +310,8 @@ class Store:
     def experiment_id(self, name: str, config: dict[str, Any]) -> int:
         """Id of experiment ``name``, created if new; its stored config is updated to ``config``.
 
-        Workers started together race to create the row; the loser reads the winner's.
+        Workers started together race to create the row; the loser reads the winner's. Safe to repeat: the row
+        is looked up by its unique name before it is inserted, and the config is set, not appended.
         """
         try:
             return self._experiment_id(name, config)
@@ -410,11 +339,7 @@ class Store:
 
     @retry_transient
     def baseline(self, experiment_id: int, key: str) -> dict[str, Any] | None:
-        with self.session() as s:
-            row = s.scalar(
-                select(BaselineRow).where(BaselineRow.experiment_id == experiment_id, BaselineRow.key == key)
-            )
-            return None if row is None else dict(row.metrics)
+        return self._baseline(experiment_id, key)
 
     def baseline_of(self, name: str) -> dict[str, Any] | None:
         """The latest baseline stored for experiment ``name`` (None: no such experiment, or no baseline yet)."""
@@ -429,26 +354,58 @@ class Store:
             )
             return None if row is None else dict(row.metrics)
 
-    @retry_transient
     def save_baseline(self, experiment_id: int, key: str, metrics: dict[str, Any]) -> None:
+        """Store the baseline of ``key``; a second, different one for the same key is an IntegrityError.
+
+        Retried idempotently: after a lost acknowledgement, a stored baseline equal to ``metrics`` is this call's.
+        """
+        stored = json.loads(json.dumps(metrics))
+
+        def write() -> bool:
+            with self.session() as s:
+                s.add(BaselineRow(experiment_id=experiment_id, key=key, metrics=stored))
+            return True
+
+        retry_write(write, lambda: True if self._baseline(experiment_id, key) == stored else None)
+
+    def _baseline(self, experiment_id: int, key: str) -> dict[str, Any] | None:
         with self.session() as s:
-            s.add(BaselineRow(experiment_id=experiment_id, key=key, metrics=json.loads(json.dumps(metrics))))
+            row = s.scalar(
+                select(BaselineRow).where(BaselineRow.experiment_id == experiment_id, BaselineRow.key == key)
+            )
+            return None if row is None else dict(row.metrics)
 
     @retry_transient
     def add_artifact(self, experiment_id: int, kind: str, path: Path, trial_number: int | None = None) -> None:
-        """Record a file with its SHA-256 and size."""
+        """Record a file with its SHA-256 and size: one row per experiment, kind, trial and path.
+
+        Safe to repeat: in one transaction, the row of that natural key is looked up and updated (a file
+        written again at the same path, e.g. a re-export) or, when there is none, inserted. A retry after a lost
+        acknowledgement finds the row its first attempt committed. (Nothing else writes the same key at once: a
+        trial's files are recorded by the one worker that runs it.)
+        """
         path = Path(path)
+        resolved, sha256, size = str(path.resolve()), file_sha256(path), path.stat().st_size
         with self.session() as s:
-            s.add(
-                ArtifactRow(
-                    experiment_id=experiment_id,
-                    trial_number=trial_number,
-                    kind=kind,
-                    path=str(path.resolve()),
-                    sha256=file_sha256(path),
-                    size_bytes=path.stat().st_size,
+            row = s.scalars(
+                select(ArtifactRow)
+                .where(
+                    ArtifactRow.experiment_id == experiment_id,
+                    ArtifactRow.kind == kind,
+                    ArtifactRow.path == resolved,
+                    ArtifactRow.trial_number.is_(None)
+                    if trial_number is None
+                    else ArtifactRow.trial_number == trial_number,
                 )
-            )
+                .order_by(ArtifactRow.id)
+            ).first()
+            if row is None:
+                s.add(
+                    ArtifactRow(experiment_id=experiment_id, trial_number=trial_number, kind=kind, path=resolved,
+                                sha256=sha256, size_bytes=size)
+                )  # fmt: skip
+            else:
+                row.sha256, row.size_bytes, row.created_at = sha256, size, _now()
 
     @retry_transient
     def artifacts(self, experiment_id: int) -> list[dict[str, Any]]:
@@ -468,6 +425,10 @@ class Store:
 
     @retry_transient
     def save_latency(self, key: str, result: dict[str, Any]) -> None:
+        """Cache a latency measurement, unless one is cached for ``key`` already (the first one is kept).
+
+        Safe to repeat: check-then-insert on the unique key, and a lost insert race keeps the other's row.
+        """
         try:
             with self.session() as s:
                 if s.scalar(select(LatencyRow).where(LatencyRow.key == key)) is None:
@@ -476,17 +437,37 @@ class Store:
             if not lost_insert_race(e):  # another worker measured the same architecture first: keep theirs
                 raise
 
-    @retry_transient
     def register_worker(self, experiment_id: int) -> int:
-        """Record this process as a worker of the experiment; returns its id (unique in the database)."""
-        with self.session() as s:
-            row = WorkerRow(experiment_id=experiment_id, host=socket.gethostname(), pid=os.getpid())
-            s.add(row)
-            s.flush()
-            return row.id
+        """Record this process as a worker of the experiment; returns its id (unique in the database).
+
+        Retried idempotently: the row's host, pid and start time (taken once, before the first attempt) find the
+        row an attempt committed before its acknowledgement was lost.
+        """
+        host, pid, started = socket.gethostname(), os.getpid(), _now()
+
+        def write() -> int:
+            with self.session() as s:
+                row = WorkerRow(experiment_id=experiment_id, host=host, pid=pid, started_at=started, last_seen=started)
+                s.add(row)
+                s.flush()
+                return row.id
+
+        def written() -> int | None:
+            with self.session() as s:
+                return s.scalar(
+                    select(WorkerRow.id).where(
+                        WorkerRow.experiment_id == experiment_id,
+                        WorkerRow.host == host,
+                        WorkerRow.pid == pid,
+                        WorkerRow.started_at == started,
+                    )
+                )
+
+        return retry_write(write, written)
 
     @retry_transient
     def update_worker(self, worker_id: int, *, trials: int | None = None, state: str | None = None) -> None:
+        """Note that the worker is alive, with its trial count and state. Safe to repeat: it sets values."""
         with self.session() as s:
             row = s.get(WorkerRow, worker_id)
             if row is None:
