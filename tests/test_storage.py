@@ -176,3 +176,80 @@ def test_storage_survives_a_database_restart(postgres):
         assert time.monotonic() - t0 >= 1.5  # it really waited for the server
     finally:
         restart.join()
+
+
+_HOLD = """
+import sys, time
+from pathlib import Path
+from yoloprune.storage import Store
+url, ready, release = sys.argv[1:4]
+with Store(url).lock("held"):
+    Path(ready).touch()
+    deadline = time.monotonic() + 120
+    while not Path(release).exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+"""
+
+
+def _holder(url, tmp_path):
+    """A process holding lock 'held' until ``release`` exists (the lock is taken when ``ready`` does)."""
+    import subprocess
+    import sys
+    import time
+
+    ready, release = tmp_path / "ready", tmp_path / "release"
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, url, str(ready), str(release)])
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the holder did not take the lock"
+        time.sleep(0.05)
+    return proc, release
+
+
+def test_a_lock_wait_times_out_naming_the_holder(url, tmp_path):
+    """The waiter's error names the process that holds the lock (host, pid, since when) and what to do."""
+    import time
+
+    Store(url)  # create the tables first
+    proc, release = _holder(url, tmp_path)
+    try:
+        store = Store(url, lock_timeout_s=0.5)
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as error, store.lock("held"):
+            pytest.fail("the lock is held by another process")
+        assert 0.4 < time.monotonic() - t0 < 15
+        message = str(error.value)
+        assert f"lock 'held' after 0.5 s: it is held by pid {proc.pid} on host {socket.gethostname()} since " in message
+        assert "YOLOPRUNE_LOCK_TIMEOUT_S" in message
+        if url.startswith("sqlite"):
+            assert f"delete {url.removeprefix('sqlite:///')}." in message and ".lock" in message
+        else:
+            assert "pg_terminate_backend(" in message and "***" in message and "yp-test-secret" not in message
+        with store.lock("other", timeout_s=0.5):  # another name is free
+            pass
+    finally:
+        release.touch()
+        assert proc.wait(60) == 0
+    with store.lock("held", timeout_s=5):  # released: taken at once
+        pass
+
+
+def test_a_killed_holder_frees_the_lock(url, tmp_path):
+    """The OS (SQLite's lock file) or the server (PostgreSQL's session) frees a lock whose holder was killed."""
+    proc, _ = _holder(url, tmp_path)
+    proc.kill()
+    proc.wait(60)
+    with Store(url, lock_timeout_s=10).lock("held"):
+        pass
+
+
+def test_the_lock_timeout_comes_from_the_environment(url, monkeypatch):
+    from yoloprune.errors import ConfigError
+    from yoloprune.storage.locks import LOCK_TIMEOUT_S
+
+    assert Store(url).lock_timeout_s == LOCK_TIMEOUT_S
+    monkeypatch.setenv("YOLOPRUNE_LOCK_TIMEOUT_S", "5")
+    assert Store(url).lock_timeout_s == 5.0 and Store(url, lock_timeout_s=2).lock_timeout_s == 2.0
+    monkeypatch.setenv("YOLOPRUNE_LOCK_TIMEOUT_S", "soon")
+    with pytest.raises(ConfigError, match=r"YOLOPRUNE_LOCK_TIMEOUT_S='soon' is not a number of seconds"):
+        Store(url)
