@@ -253,3 +253,15 @@ def test_the_lock_timeout_comes_from_the_environment(url, monkeypatch):
     monkeypatch.setenv("YOLOPRUNE_LOCK_TIMEOUT_S", "soon")
     with pytest.raises(ConfigError, match=r"YOLOPRUNE_LOCK_TIMEOUT_S='soon' is not a number of seconds"):
         Store(url)
+
+
+def test_a_lock_lost_with_its_database_session_is_left_without_an_error(postgres):
+    """A restart while a lock is held ends its session, and the server releases the lock: leaving the block
+    must not fail the work done inside it."""
+    url = postgres.create_database("lost_lock")
+    store = Store(url, lock_timeout_s=5)
+    with store.lock("held"):
+        postgres.stop()
+        postgres.start()
+    with store.lock("held"):  # free again
+        pass

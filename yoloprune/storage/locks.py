@@ -26,9 +26,11 @@ from pathlib import Path
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from yoloprune.errors import ConfigError, StorageError
 from yoloprune.log import get_logger
+from yoloprune.storage.retry import is_transient
 
 LOGGER = get_logger(__name__)
 
@@ -191,9 +193,19 @@ def advisory_lock(engine: Engine, name: str, timeout_s: float) -> Iterator[None]
         try:
             yield
         finally:
-            conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-            conn.execute(text("RESET application_name"))
-            conn.commit()
+            _release(conn, key, name)
+
+
+def _release(conn: Connection, key: int, name: str) -> None:
+    try:
+        conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+        conn.execute(text("RESET application_name"))
+        conn.commit()
+    except SQLAlchemyError as e:
+        if not is_transient(e):
+            raise
+        # The session is gone (a restart, a dropped connection), and the server released its locks with it.
+        LOGGER.warning("lock '%s' was released with its lost database session (%s)", name, str(e).splitlines()[0])
 
 
 def _take(conn: Connection, key: int, name: str, timeout_s: float, url: str) -> None:

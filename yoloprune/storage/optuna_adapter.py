@@ -142,7 +142,10 @@ class RetryingRDBStorage(RDBStorage):
         """
         keyed = _keyed_template(template_trial, uuid.uuid4().hex)
         frozen: FrozenTrial = retry_transient(super()._create_new_trial)(study_id, keyed)
-        retry_transient(_drop_create_key)(self, frozen._trial_id)
+        try:
+            retry_transient(_drop_create_key)(self, frozen._trial_id)
+        except Exception as e:  # the trial exists and runs; the key left on it is only untidy
+            LOGGER.warning("trial %d keeps its creation key %s (%s)", frozen.number, CREATE_KEY, str(e)[:200])
         frozen.system_attrs = {k: v for k, v in frozen.system_attrs.items() if k != CREATE_KEY}
         return frozen
 
