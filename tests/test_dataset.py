@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,3 +76,102 @@ def test_objects_span_sizes_classes_and_clutter():
 def test_invalid_spec(bad):
     with pytest.raises(DatasetError, match="invalid synthetic dataset spec"):
         SyntheticSpec(**bad)
+
+
+# The check before any training (yoloprune/data/verify.py): what Ultralytics' cache step would drop fails.
+
+
+def _copy(tmp_path, tiny_data):
+    import shutil
+
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_data.parent, root)
+    raw = yaml.safe_load((root / "data.yaml").read_text())
+    (root / "data.yaml").write_text(yaml.safe_dump({**raw, "path": str(root)}))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [
+        ("0 0.5 0.5 0.2 0.2", None),
+        ("5 1.005 0.5 0.2 0.2", None),  # Ultralytics' 1% tolerance
+        ("1 -0.005 0.5 0.2 0.2", None),
+        ("2 0.1 0.1 0.3 0.1 0.3 0.4 0.1 0.4", None),  # a polygon row
+        ("6 0.5 0.5 0.2 0.2", "class"),
+        ("1.5 0.5 0.5 0.2 0.2", "class"),
+        ("-1 0.5 0.5 0.2 0.2", "class"),
+        ("1 0.5 0.5 -0.2 0.2", "box"),
+        ("1 0.5 0.5 0.2 1.2", "box"),
+        ("1 0.5 0.5 0.2", "row"),
+        ("1 0.5 0.5 0.2 0.2 0.1", "row"),
+        ("car 0.5 0.5 0.2 0.2", "row"),
+    ],
+)
+def test_label_rows(tmp_path, row, problem):
+    from yoloprune.data.verify import check_label_file
+
+    path = tmp_path / "x.txt"
+    path.write_text(f"\n{row}\n")
+    rows, problems = check_label_file(path, nc=6)
+    assert rows == 1
+    assert [(p.kind, p.line) for p in problems] == ([] if problem is None else [(problem, 2)])
+
+
+def test_empty_and_mixed_label_files(tmp_path):
+    from yoloprune.data.verify import check_label_file
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert check_label_file(empty, nc=3) == (0, [])
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text("0 0.5 0.5 0.1 0.1\n1 0.1 0.1 0.3 0.1 0.3 0.4 0.1 0.4\n")
+    assert [p.detail for p in check_label_file(mixed, nc=3)[1]] == ["mixes box rows (5 columns) and polygon rows"]
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(b"\xff\xfe\x00\x81")
+    assert check_label_file(binary, nc=3)[1][0].kind == "text"
+
+
+def test_label_path_follows_ultralytics():
+    from ultralytics.data.utils import img2label_paths
+
+    from yoloprune.data.verify import label_path
+
+    for image in ["/d/images/train/a.jpg", "/d/images/x/images/val/b.v2.png", "/d/pics/c.jpg"]:
+        assert str(label_path(Path(image))) == img2label_paths([image])[0]
+
+
+def test_many_problems_are_counted_and_each_kind_gets_its_fix(tmp_path, tiny_data):
+    root = _copy(tmp_path, tiny_data)
+    labels = sorted((root / "labels" / "train").glob("*.txt"))
+    for label in labels:
+        label.write_text(label.read_text() + "9 0.5 0.5 0.1 0.1\n")
+    (root / "images" / "val" / "val_00000.jpg").write_text("not an image")
+    with pytest.raises(DatasetError) as e:
+        inspect_dataset(root / "data.yaml")
+    msg = str(e.value)
+    assert f"{len(labels) + 1} problem(s) in {len(labels) + 1} file(s)" in msg
+    assert f"... and {len(labels) + 1 - 12} more" in msg
+    assert "class ids are 0-based" in msg and "replace each unreadable image" in msg
+
+
+def test_list_file_split_and_a_listed_image_that_is_gone(tmp_path, tiny_data):
+    root = _copy(tmp_path, tiny_data)
+    images = sorted((root / "images" / "val").glob("*.jpg"))
+    (root / "val.txt").write_text("".join(f"./images/val/{p.name}\n" for p in images))
+    raw = yaml.safe_load((root / "data.yaml").read_text())
+    (root / "data.yaml").write_text(yaml.safe_dump({**raw, "val": "val.txt"}))
+    assert inspect_dataset(root / "data.yaml").n_val == len(images)
+    images[0].unlink()
+    with pytest.raises(DatasetError, match=rf"{images[0]}: listed in the split but does not exist"):
+        inspect_dataset(root / "data.yaml")
+
+
+def test_tiny_image_is_refused(tmp_path, tiny_data):
+    import cv2
+
+    root = _copy(tmp_path, tiny_data)
+    image = root / "images" / "val" / "val_00000.jpg"
+    cv2.imwrite(str(image), np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DatasetError, match=r"val_00000.jpg: image is 8x8 px"):
+        inspect_dataset(root / "data.yaml")

@@ -92,7 +92,8 @@ def _unreadable(path: Path, error: Exception) -> str:
     if isinstance(error, EOFError) or any(m in str(error) for m in ("PytorchStreamReader", "truncated")):
         return (
             f"checkpoint '{path}' is truncated or corrupt ({path.stat().st_size:,} bytes; torch.load: {text}). Copy "
-            "or download it again and compare its size with the original; a .pt is a zip archive and this one is cut short."
+            "or download it again and compare its size with the original (a .pt is a zip archive; this one is cut "
+            "short or damaged)."
         )
     if isinstance(error, ModuleNotFoundError | AttributeError):
         return (
@@ -101,8 +102,8 @@ def _unreadable(path: Path, error: Exception) -> str:
             f"{_ultralytics_version()}). Load it where it was made and re-save it, or install that version."
         )
     return (
-        f"'{path}' is not a PyTorch checkpoint (torch.load: {text}). Pass the .pt the Ultralytics trainer wrote "
-        "(runs/detect/train/weights/best.pt)."
+        f"'{path}' is not a YOLO checkpoint, nor any PyTorch file (torch.load: {text}). Pass the .pt the "
+        "Ultralytics trainer wrote (runs/detect/train/weights/best.pt)."
     )
 
 
