@@ -67,7 +67,7 @@ def agent_log():
     """The agent's log lines (the package logger does not propagate to pytest's)."""
     records: list[str] = []
     handler = logging.Handler()
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    handler.emit = lambda r: records.append(r.getMessage() + (" Traceback" if r.exc_info else ""))  # type: ignore[method-assign]
     logger = logging.getLogger("yoloprune")
     logger.addHandler(handler)
     yield records
@@ -201,6 +201,18 @@ def test_connections_are_bounded_and_silent_ones_dropped(agent_log):
         assert 1.5 < seconds < 10
 
 
+def test_a_reset_connection_is_one_log_line(agent, agent_log):
+    import struct
+
+    port = int(agent.rsplit(":", 1)[1])
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /measure HTTP/1.1\r\nContent-Length: 100000\r\nAuthorization: Bearer s3cret\r\n\r\nabc")
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset, mid-upload
+    _wait_for(lambda: any("connection failed" in line or "upload ended" in line for line in agent_log))
+    assert not any("Traceback" in line for line in agent_log) and _healthy(agent)
+
+
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
@@ -231,7 +243,7 @@ def test_tls(certificate, onnx_file, agent_log):
         AgentServer("127.0.0.1", 0, token=None, certfile=str(key.parent / "missing.pem"))
 
 
-BLOCKER = '''
+BLOCKER = """
 import importlib.abc, sys
 HEAVY = {"torch", "ultralytics", "torch_pruning", "pandas", "sqlalchemy", "optuna", "pydantic", "cv2", "scipy"}
 class Block(importlib.abc.MetaPathFinder):
@@ -239,7 +251,7 @@ class Block(importlib.abc.MetaPathFinder):
         if name.split(".")[0] in HEAVY:
             raise ImportError(f"blocked: the agent must not import {name}")
 sys.meta_path.insert(0, Block())
-'''
+"""
 
 
 def test_agent_process_imports_no_torch_and_stays_small(onnx_file, tmp_path):

@@ -35,6 +35,7 @@ import math
 import multiprocessing
 import socket
 import ssl
+import sys
 import tempfile
 import threading
 import time
@@ -161,6 +162,14 @@ class AgentServer(ThreadingHTTPServer):
             self.RequestHandlerClass(wrapped, client_address, self)  # type: ignore[arg-type]
         finally:
             wrapped.close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection's failure: one log line with the client's address (a traceback only for a bug)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):  # reset, broken pipe, timeout: the client's doing
+            LOGGER.warning("agent: %s connection failed: %s: %s", client_address[0], type(error).__name__, error)
+        else:
+            LOGGER.exception("agent: %s request failed", client_address[0])
 
     def retry_after(self) -> int:
         """Seconds a refused client should wait: about one measurement."""
