@@ -35,6 +35,7 @@ def test_demo_yaml_is_the_demo_config():
 def test_example_configs_validate():
     trt = load_config(EXPERIMENTS / "remote_trt.yaml")
     assert [t.backend for t in trt.targets] == ["remote", "onnxruntime"]
+    assert trt.targets[0].cafile == str(EXPERIMENTS / "../certs/jetson-cert.pem")  # beside the config
     assert trt.objectives[1].metric == "latency_ms.jetson_trt_fp16" and trt.constraints[1].on_cost
     byo = load_config(EXPERIMENTS / "byo.yaml")
     assert byo.space.importance == ["l1", "bn_scale"] and byo.constraints[0].max == 0.02

@@ -183,6 +183,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> dict[str, Any]:
             out[key] = (
                 str(base / out[key]) if key == "output" and not Path(str(out[key])).is_absolute() else resolve(out[key])
             )
+    if isinstance(out.get("targets"), list):  # a remote target's CA certificate, beside the config like the rest
+        out["targets"] = [
+            {**t, "cafile": resolve(t["cafile"])} if isinstance(t, dict) and isinstance(t.get("cafile"), str) else t
+            for t in out["targets"]
+        ]
     storage = out.get("storage")
     if isinstance(storage, str) and storage.startswith("sqlite:///") and not storage.startswith("sqlite:////"):
         rel = storage.removeprefix("sqlite:///")
