@@ -198,7 +198,7 @@ def _missing_split_key(g: Given) -> tuple[list[str], str, str]:
     raw = yaml.safe_load((ds / "data.yaml").read_text())
     del raw["val"]
     (ds / "data.yaml").write_text(yaml.safe_dump(raw))
-    return _search(g, ds / "data.yaml"), str(ds / "data.yaml"), "lacks val"
+    return _search(g, ds / "data.yaml"), str(ds / "data.yaml"), "lacks val; an Ultralytics data YAML needs train, val"
 
 
 def _missing_split_path(g: Given) -> tuple[list[str], str, str]:

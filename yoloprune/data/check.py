@@ -117,7 +117,11 @@ def inspect_dataset(data_yaml: str | Path) -> DatasetInfo:
         raise DatasetError(f"dataset YAML '{path}' must be a mapping with train, val and names keys.")
     missing = [k for k in ("train", "val", "names") if k not in data]
     if missing:
-        raise DatasetError(f"dataset YAML '{path}' lacks {', '.join(missing)}; an Ultralytics data YAML needs them.")
+        example = {"train": "train: images/train", "val": "val: images/val", "names": "names: [cat, dog]"}
+        raise DatasetError(
+            f"dataset YAML '{path}' lacks {', '.join(missing)}; an Ultralytics data YAML needs train, val and names. "
+            f"Add e.g. '{example[missing[0]]}' (a folder of images, or a .txt list of them, relative to 'path')."
+        )
     names = data["names"]
     if isinstance(names, list):
         names = dict(enumerate(names))
