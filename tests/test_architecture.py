@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "yoloprune"
 
 #: Lower layers never import higher ones (a package may import itself and anything below it).
 LAYERS = [
-    {"errors", "log", "tables", "device", "registry", "offline"},
+    {"errors", "log", "tables", "device", "registry", "offline", "atomic"},
     {"spaces"},
     {"config"},
     {"storage", "data"},

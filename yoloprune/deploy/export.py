@@ -15,12 +15,16 @@ from typing import Any
 from optuna.trial import FrozenTrial
 from torch import nn
 
+from yoloprune.atomic import atomic_path, ensure_writable, write_bytes, write_text
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import BackendUnavailableError, ConfigError
 from yoloprune.log import epoch_progress, get_logger, progress
 from yoloprune.storage.record import TrialRecord
 
 LOGGER = get_logger(__name__)
+
+#: What an export's failed write asks for (the message names the file and the cause before it).
+FIX = "give `yoloprune export ... --output DIR` a folder that has room and is writable"
 
 
 @dataclass
@@ -63,9 +67,9 @@ def export_trial(
         _check_engine_export(dynamic)  # before any training: nothing computed is lost to a missing TensorRT
     if int8 and dynamic:
         raise ConfigError("--int8 quantizes a static-batch ONNX; drop --dynamic.")
+    ensure_writable(output, fix=FIX)  # before any training: a read-only or missing folder fails in a second
     exp = prepare(config)
     candidate = config.space.candidate_of(trial.params, TrialRecord.from_frozen(trial))
-    output.mkdir(parents=True, exist_ok=True)
     stem = f"{config.name}-trial{trial.number}"
     recipe = config.finetune.for_long(epochs).overrides if epochs > 0 else {}
     start = time.perf_counter()
@@ -235,9 +239,13 @@ def _save_model(
             **candidate.as_dict(),
             "metrics": metrics,
         },
+        fix=FIX,
     )
-    onnx_path = export_onnx(model, stem.with_name(f"{stem.name}.onnx"), imgsz=config.imgsz, dynamic=dynamic)
-    return checkpoint, onnx_path, check_onnx(onnx_path, model, imgsz=config.imgsz)
+    onnx_path = stem.with_name(f"{stem.name}.onnx")
+    with atomic_path(onnx_path, fix=FIX) as tmp:  # checked before it takes the final name
+        export_onnx(model, tmp, imgsz=config.imgsz, dynamic=dynamic)
+        check = check_onnx(tmp, model, imgsz=config.imgsz)
+    return checkpoint, onnx_path, check
 
 
 def _write_card(
@@ -249,10 +257,8 @@ def _write_card(
     for extra in extras:
         if extra is not None:
             files[extra.name] = file_sha256(extra)
-    card_json = stem.with_name(f"{stem.name}.card.json")
-    card_json.write_text(json.dumps(card, indent=2, default=float))
-    card_md = stem.with_name(f"{stem.name}.card.md")
-    card_md.write_text(_markdown(card))
+    card_json = write_text(stem.with_name(f"{stem.name}.card.json"), json.dumps(card, indent=2, default=float), fix=FIX)
+    card_md = write_text(stem.with_name(f"{stem.name}.card.md"), _markdown(card), fix=FIX)
     return card_json, card_md
 
 
@@ -266,7 +272,9 @@ def _export_int8(
     from yoloprune.ultra.val import train_images, validate
 
     calibration = calibration_batches(train_images(data), imgsz=imgsz, batch=1)
-    path = quantize_onnx(onnx_path, stem.with_name(f"{stem.name}.int8.onnx"), calibration=calibration)
+    path = stem.with_name(f"{stem.name}.int8.onnx")
+    with atomic_path(path, fix=FIX) as tmp:
+        quantize_onnx(onnx_path, tmp, calibration=calibration)
     with ultralytics_quiet():
         fp32 = validate(onnx_path, data, imgsz=imgsz, batch=1)
         quantized = validate(path, data, imgsz=imgsz, batch=1)
@@ -282,13 +290,13 @@ def _export_int8(
         from yoloprune.evaluators.latency.base import LatencySpec
         from yoloprune.evaluators.latency.tensorrt_backend import TensorRTBackend
 
-        trt_onnx = quantize_onnx(
-            onnx_path, stem.with_name(f"{stem.name}.int8-trt.onnx"), recipe="tensorrt", calibration=calibration
-        )
+        trt_onnx = stem.with_name(f"{stem.name}.int8-trt.onnx")
+        with atomic_path(trt_onnx, fix=FIX) as tmp:
+            quantize_onnx(onnx_path, tmp, recipe="tensorrt", calibration=calibration)
         engine_path = stem.with_name(f"{stem.name}.int8.engine")
         spec = LatencySpec(precision="int8", batch=1, imgsz=imgsz, device="cuda")
         timing = engine_path.with_suffix(".timing-cache")
-        engine_path.write_bytes(TensorRTBackend().build_engine(trt_onnx, spec, timing_cache=timing))
+        write_bytes(engine_path, TensorRTBackend().build_engine(trt_onnx, spec, timing_cache=timing), fix=FIX)
     return path, engine_path, card
 
 
@@ -310,7 +318,9 @@ def _build_engine(model: nn.Module, path: Path, imgsz: int) -> Path:
     gives, loadable by ``YOLO(path)``."""
     from yoloprune.convert.onnx import export_engine_fp16
 
-    return export_engine_fp16(model, path, imgsz=imgsz)
+    with atomic_path(path, fix=FIX) as tmp:
+        export_engine_fp16(model, tmp, imgsz=imgsz)
+    return path
 
 
 def _versions() -> dict[str, str | None]:

@@ -2,6 +2,7 @@
 (:func:`start_session`), and the built-in data and models (:mod:`.builtin`)."""
 
 from yoloprune.experiment.session import (
+    OUTPUT_FIX,
     Experiment,
     Session,
     experiment_baseline,
@@ -10,4 +11,4 @@ from yoloprune.experiment.session import (
     start_session,
 )
 
-__all__ = ["Experiment", "Session", "experiment_baseline", "open_session", "prepare", "start_session"]
+__all__ = ["OUTPUT_FIX", "Experiment", "Session", "experiment_baseline", "open_session", "prepare", "start_session"]

@@ -14,6 +14,7 @@ from typing import Any
 
 from torch import nn
 
+from yoloprune.atomic import ensure_writable
 from yoloprune.config import BUILTIN_PREFIX, ExperimentConfig, FinetuneConfig, ModelSource
 from yoloprune.data.check import DatasetInfo, inspect_dataset
 from yoloprune.device import default_device
@@ -26,6 +27,11 @@ from yoloprune.ultra.models import load_detector
 from yoloprune.ultra.val import check_classes
 
 LOGGER = get_logger(__name__)
+
+#: What a failed write in an experiment's output folder asks for (the message names the file and the cause).
+OUTPUT_FIX = (
+    "set `output:` in the experiment config (or add `output=DIR` to the command) to a writable folder with room"
+)
 
 
 @dataclass
@@ -48,7 +54,7 @@ class Experiment:
 def prepare(config: ExperimentConfig) -> Experiment:
     """Resolve and check data, model, stages and storage; raises a clear error before any training."""
     device = default_device(config.device)
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    ensure_writable(config.output_dir, fix=OUTPUT_FIX)  # a read-only or full folder fails here, not after training
     store = Store(config.storage_url)  # first: cheap, and an unreachable database should fail fast
     data = inspect_dataset(_resolve(config.data, device))
     base, model_key = _load_model(config.model, data, device)

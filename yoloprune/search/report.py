@@ -15,6 +15,7 @@ import plotly.graph_objects as go
 import plotly.io as pio
 from plotly.offline import get_plotlyjs
 
+from yoloprune.atomic import atomic_path, write_text
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import ConfigError
 from yoloprune.search.diagnostics import (
@@ -29,6 +30,9 @@ from yoloprune.search.diagnostics import (
 from yoloprune.search.results import front_table, judged_frame, pareto_front, summary_counts
 from yoloprune.storage.optuna_adapter import baseline_latency
 from yoloprune.storage.record import TrialRecord
+
+#: What a report's failed write asks for (the message names the file and the cause before it).
+OUTPUT_FIX = "give `yoloprune report CONFIG --output FILE` a writable folder with room"
 
 COLORS = {"front": "#d62728", "feasible": "#1f77b4", "infeasible": "#9e9e9e", "baseline": "#2ca02c"}
 
@@ -54,9 +58,9 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
         states = ", ".join(f"{v} {k}" for k, v in counts.items() if v) or "no trials"
         raise ConfigError(f"experiment '{config.name}' has no finished trial yet ({states}); nothing to report.")
     out_dir = config.output_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
     csv = out_dir / "trials.csv"
-    trials.to_csv(csv, index=False)
+    with atomic_path(csv, fix=OUTPUT_FIX) as tmp:
+        trials.to_csv(tmp, index=False)
     base = Store(config.storage_url).baseline_of(config.name) or {}
     base = {**base, **baseline_latency(study)}
     if trial is None:
@@ -101,7 +105,6 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
     figures["per-class"] = _per_class(base.get("per_class", {}), chosen.per_class, trial)
 
     path = Path(output) if output else out_dir / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
     from yoloprune.search.fidelity import describe
     from yoloprune.search.fidelity import stored as stored_fidelity
 
@@ -112,7 +115,7 @@ def write_report(config: ExperimentConfig, *, output: Path | None = None, trial:
         ("Parameter importances", [line.strip() for line in describe_importances(importances)]),
     ]
     versus = _versus_html(config, study, trials, base)
-    path.write_text(_page(config, trials, front, counts, base, figures, note, versus, diagnostics))
+    write_text(path, _page(config, trials, front, counts, base, figures, note, versus, diagnostics), fix=OUTPUT_FIX)
     return Report(path, csv, list(figures), trial)
 
 

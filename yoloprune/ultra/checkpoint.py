@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -12,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from yoloprune.atomic import DEFAULT_FIX, atomic_file
 from yoloprune.errors import InternalError
 from yoloprune.offline import configure_offline
 from yoloprune.ultra.blocks import SplitC2f
@@ -31,16 +30,18 @@ def save_checkpoint(
     *,
     train_args: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
+    fix: str = DEFAULT_FIX,
 ) -> Path:
-    """Write ``model`` to ``path`` in Ultralytics' checkpoint layout, atomically.
+    """Write ``model`` to ``path`` in Ultralytics' checkpoint layout, atomically (:mod:`.atomic`).
 
     The file holds stock Ultralytics classes only, so it loads in a process that never imported
-    yoloprune. ``metadata`` (plain Python types) is kept under :data:`METADATA_KEY`.
+    yoloprune. ``metadata`` (plain Python types) is kept under :data:`METADATA_KEY`. A write that fails
+    (disk full, read-only folder) raises :class:`~yoloprune.atomic.OutputWriteError` with ``fix`` in its
+    message, and leaves nothing under ``path``.
     """
     if any(isinstance(m, SplitC2f) for m in model.modules()):
         raise InternalError("the model still holds yoloprune's SplitC2f; fold it before saving.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     stored = copy.deepcopy(model).half().eval()
     for p in stored.parameters():
         p.requires_grad_(False)
@@ -62,14 +63,8 @@ def save_checkpoint(
         "train_metrics": None,
         METADATA_KEY: metadata or {},
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(ckpt, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_file(path, fix=fix) as f:
+        torch.save(ckpt, f)
     return path
 
 
