@@ -12,6 +12,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from yoloprune.atomic import OutputWriteError
 from yoloprune.config import ExperimentConfig
 from yoloprune.data.check import held_out_subset
 from yoloprune.errors import ConfigError
@@ -19,11 +20,12 @@ from yoloprune.experiment import Experiment, Session, prepare, start_session
 from yoloprune.log import get_logger
 from yoloprune.offline import ultralytics_quiet
 from yoloprune.search import screening
+from yoloprune.search.database_watch import DatabaseWatch
 from yoloprune.search.methods import get_method
 from yoloprune.search.optuna_engine import EpochReporter, make_pruner, open_study
 from yoloprune.search.sensitivity import enqueue_warm_start, measure_curves
 from yoloprune.search.targeting import Targeting, enqueue_at_targets, session_targeting
-from yoloprune.search.trial import EpochBars, NoDisplay, TrialEvaluation
+from yoloprune.search.trial import EpochBars, NoDisplay, TrialEvaluation, storage_failed
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.storage import Store
 from yoloprune.storage.optuna_adapter import fail_stale, finished_count, record_baseline_latency, recover_interrupted
@@ -81,7 +83,13 @@ def run_search(
                 targeting=targeting,
                 display=EpochBars if progress else NoDisplay,
             )
-            _optimize(study, objective, exp, worker, done, remaining, progress)
+            with DatabaseWatch(config) as watch:
+                _optimize(study, objective, exp, worker, done, remaining, progress, watch)
+            if objective.stop_error is not None:
+                raise OutputWriteError(
+                    f"{objective.stop_error} The search stopped; its finished trials are kept in the database. "
+                    "Run the same command again to resume."
+                ) from objective.stop_error
         _after_search(study)
     return study
 
@@ -143,14 +151,15 @@ def _optimize(
     done: int,
     remaining: int | None,
     progress: bool,
+    watch: DatabaseWatch,
 ) -> None:
     """Optuna's loop under a progress bar, with the stale-trial reaper; the worker's state is stored at the end."""
     config = exp.config
     bar = tqdm(total=remaining, desc="trials", unit="trial", disable=not progress, dynamic_ncols=True)
-    stopper = _Stopper(done + remaining if remaining is not None else None, bar, exp.store, worker)
+    stopper = _Stopper(done + remaining if remaining is not None else None, bar, exp.store, worker, watch)
     state = "interrupted"
     reaper = _Reaper(study, config.engine.workers.heartbeat_s)
-    with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]), reaper:
+    with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]), reaper, _NoInterruptTraceback():
         try:
             study.optimize(
                 objective,
@@ -163,7 +172,12 @@ def _optimize(
             state = "done"
         finally:
             bar.close()
-            exp.store.update_worker(worker, trials=stopper.trials, state=state)
+            try:
+                exp.store.update_worker(worker, trials=stopper.trials, state=state)
+            except Exception as e:  # the database itself failed: what failed first is what the user sees
+                if not storage_failed(e):
+                    raise
+                LOGGER.debug("could not store the worker's state: %s", e)
 
 
 def _after_search(study: optuna.Study) -> None:
@@ -172,6 +186,24 @@ def _after_search(study: optuna.Study) -> None:
     records = screening.agreement(study)  # [] when no screened trial finished
     if records:
         LOGGER.info(screening.describe(records))
+
+
+class _NoInterruptTraceback(logging.Filter):
+    """Optuna logs a trial stopped by Ctrl-C or SIGTERM with the interrupt's traceback; keep its one line only
+    (on the handlers of Optuna's logger, while the loop runs): an interrupt is the user's doing, not a bug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+    def __enter__(self) -> None:
+        for handler in logging.getLogger("optuna").handlers:
+            handler.addFilter(self)
+
+    def __exit__(self, *exc: object) -> None:
+        for handler in logging.getLogger("optuna").handlers:
+            handler.removeFilter(self)
 
 
 class _Reaper(threading.Thread):
@@ -204,15 +236,17 @@ class _Stopper:
     """After each trial: fail other workers' dead trials, record this worker's progress, and stop at the
     budget (counting trials other workers are running) or after too many failures in a row."""
 
-    def __init__(self, budget: int | None, bar: tqdm, store: Store, worker: int) -> None:
+    def __init__(self, budget: int | None, bar: tqdm, store: Store, worker: int, watch: DatabaseWatch) -> None:
         self.budget = budget
         self.bar = bar
         self.store = store
         self.worker = worker
+        self.watch = watch
         self.failures = 0
         self.trials = 0
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.watch.check()  # before anything else writes to a database file that may be gone
         self.trials += 1
         self.store.update_worker(self.worker, trials=self.trials)
         if trial.state == TrialState.FAIL:

@@ -14,6 +14,7 @@ import contextlib
 import gc
 import os
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -23,9 +24,10 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 from tqdm.auto import tqdm
 
+from yoloprune.atomic import OutputWriteError, is_disk_full, write_error
 from yoloprune.config.objectives import relative_metrics, reward, violations
-from yoloprune.errors import InternalError, LatencyTargetError
-from yoloprune.experiment import Session
+from yoloprune.errors import InternalError, LatencyTargetError, StorageError, YoloPruneError
+from yoloprune.experiment import OUTPUT_FIX, Session
 from yoloprune.log import get_logger
 from yoloprune.search.optuna_engine import EpochReporter
 from yoloprune.search.targeting import Targeting
@@ -142,6 +144,8 @@ class TrialEvaluation:
         self.display = display
         self.epoch_hook = epoch_hook
         self.cost_constraints = [c for c in self.cfg.constraints if c.on_cost]
+        #: Why the search must stop after the current trial (a full or read-only output folder); the runner raises it.
+        self.stop_error: YoloPruneError | None = None
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
         start = time.perf_counter()
@@ -164,9 +168,11 @@ class TrialEvaluation:
             write_record(trial, TrialRecord(timings={"total": time.perf_counter() - start}))
             raise
         except KeyboardInterrupt:
-            write_record(trial, TrialRecord(error="interrupted by the user", interrupted=True))
+            _record_interruption(trial)
             raise
         except Exception as e:
+            if storage_failed(e):
+                raise StorageLost(e) from e
             self._record_failure(trial, e)
             raise
         finally:
@@ -213,7 +219,6 @@ class TrialEvaluation:
         )
         metrics = relative_metrics(result.raw, baseline)
         constraint_values = violations(metrics, self.cfg.constraints)
-        self._save(trial, result.model, candidate, metrics)
         timings = dict(result.timings)
         timings["total"] = time.perf_counter() - start
         timings["other"] = timings["total"] - sum(result.timings.values())
@@ -226,7 +231,11 @@ class TrialEvaluation:
             latency=result.latency or None,
             timings=timings,
         )
-        write_record(trial, record, constraint_values)
+        write_record(trial, record, constraint_values)  # first: nothing after this can lose the finished trial
+        try:
+            self._save(trial, result.model, candidate, metrics)
+        except OutputWriteError as e:  # the trial still counts; the next ones would fail the same way
+            self._stop_search(trial, e)
         return [metrics[o.metric] for o in self.cfg.objectives]
 
     def _save(self, trial: optuna.Trial, model: Any, candidate: Candidate, metrics: dict[str, float]) -> None:
@@ -242,6 +251,7 @@ class TrialEvaluation:
                 **candidate.as_dict(),
                 "metrics": metrics,
             },
+            fix=OUTPUT_FIX,
         )
         exp.store.add_artifact(exp.experiment_id, "proxy_checkpoint", path, trial.number)
 
@@ -256,6 +266,19 @@ class TrialEvaluation:
         if stop:
             with contextlib.suppress(RuntimeError):  # outside study.optimize (NNI trials) there is no loop to stop
                 trial.study.stop()
+        elif is_disk_full(e, self.cfg.output_dir):  # every next trial would fail the same way
+            error = write_error(self.cfg.output_dir, e, fix=OUTPUT_FIX, folder=self.cfg.output_dir)
+            if error is not None:
+                self._stop_search(trial, error)
+
+    def _stop_search(self, trial: optuna.Trial, error: YoloPruneError) -> None:
+        """Stop the search after this trial, the runner then raising ``error``; outside Optuna's loop (an NNI
+        trial) there is no search to stop: ``error`` is raised now."""
+        self.stop_error = error
+        try:
+            trial.study.stop()
+        except RuntimeError:
+            raise error from None
 
     def _copy(self, trial: optuna.Trial, twin: FrozenTrial, start: float) -> list[float]:
         """Record ``twin``'s results on ``trial`` instead of evaluating the same candidate twice."""
@@ -277,6 +300,41 @@ class TrialEvaluation:
             return False
         metrics = relative_metrics(cost_metrics, self.session.baseline)
         return any(v > 0 for v in violations(metrics, self.cost_constraints))
+
+
+class StorageLost(BaseException):
+    """The database failed under a running trial (deleted, full, unreachable past the retries): the search stops.
+
+    A BaseException, as KeyboardInterrupt is, so that Optuna's loop does not catch it and try to store the
+    trial's FAIL state in the same failing database (which fails again, logs a traceback and hides the cause).
+    The trial stays RUNNING in the database, and the next run queues it again (``recover_interrupted``).
+    """
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+        self.cause = cause
+
+
+def storage_failed(error: BaseException | None) -> bool:
+    """Whether ``error`` (or one in its chain) is the database failing: an operational error of the driver
+    (lost connection, full disk, deleted file), not a bug such as a constraint violation."""
+    from sqlalchemy.exc import OperationalError
+
+    seen = 0
+    while error is not None and seen < 10:
+        if isinstance(error, (OperationalError, sqlite3.OperationalError, StorageError)):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+def _record_interruption(trial: optuna.Trial) -> None:
+    """Mark the trial interrupted (queued again on resume); if the database cannot take it, resume still finds the
+    trial RUNNING and queues it again."""
+    try:
+        write_record(trial, TrialRecord(error="interrupted by the user", interrupted=True))
+    except Exception as e:
+        LOGGER.warning("trial %d: could not record the interruption (%s)", trial.number, str(e).splitlines()[0])
 
 
 def _free_memory() -> None:
