@@ -248,3 +248,35 @@ def test_database_disappears_mid_search(tmp_path, tiny_data, fault):
     assert 0 in before  # the trial finished before the fault is in the recovered copy
     time.sleep(2.5)  # past grace_s, for a trial the copy holds as running
     _resume(cfg_path, before, tmp_path)
+
+
+def test_a_lost_postgresql_server_says_what_is_kept_and_how_to_resume(tmp_path, tiny_data):
+    """What the search says when PostgreSQL stays away past the retries (the message only: stopping a server
+    mid-search costs the ~30 s of retries; tests/test_storage.py restarts one within them)."""
+    from sqlalchemy.exc import OperationalError
+
+    from yoloprune.search.database_watch import DatabaseWatch
+    from yoloprune.search.trial import StorageLost
+
+    url = "postgresql://yp:secret@127.0.0.1:9/study"
+    config = load_config(_config(tmp_path, tiny_data, "pg-lost", storage=url))
+    lost = StorageLost(OperationalError("UPDATE trials", {}, ConnectionRefusedError("connection refused")))
+    message = str(DatabaseWatch(config).lost(lost))
+    assert "postgresql://yp:***@127.0.0.1:9/study" in message and "secret" not in message
+    assert "finished trials are kept" in message and "run the same command to resume" in message
+    assert "grace_s (2 s)" in message
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, tmpfs):
+    """The helper every final artifact goes through: a full disk fails with the file and the fix, keeps the old
+    content under the final name, and leaves no temporary file."""
+    from yoloprune.atomic import OutputWriteError, atomic_path, write_bytes, write_text
+
+    disk = tmpfs(tmp_path / "small", "64k")
+    card = write_text(disk / "model.card.json", '{"old": true}')
+    with pytest.raises(OutputWriteError, match=r"cannot write .*model\.card\.json: no space left .*Free space there"):
+        write_bytes(card, b"x" * 200_000)
+    with pytest.raises(RuntimeError, match="the writer broke"), atomic_path(card) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("the writer broke")
+    assert card.read_text() == '{"old": true}' and [p.name for p in disk.iterdir()] == ["model.card.json"]

@@ -22,7 +22,8 @@ from typing import IO, Any
 
 from yoloprune.errors import YoloPruneError
 
-#: Below this much free space, a write error without an errno (torch's own writer) is taken for a full disk.
+#: Below this much free space (and 2% of the file system), a write error without an errno (torch's own writer
+#: given a file name, Ultralytics' checkpoints) is taken for a full disk.
 NEARLY_FULL_BYTES = 1 << 20
 
 #: The fix a message suggests when its caller gives none.
@@ -108,7 +109,7 @@ def write_error(
     os_error = _os_error(error)
     code = os_error.errno if os_error is not None else None
     free = _free_bytes(folder)
-    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and free is not None and free < NEARLY_FULL_BYTES):
+    if code in (errno.ENOSPC, errno.EDQUOT) or (code is None and _nearly_full(folder)):
         room = f" ({_size(free)} free)" if free is not None else ""
         cause = f"no space left on the file system holding {folder}{room}. Free space there, or {fix}"
     elif code == errno.EROFS:
@@ -130,8 +131,7 @@ def is_disk_full(error: BaseException, folder: str | Path) -> bool:
     os_error = _os_error(error)
     if os_error is not None:
         return os_error.errno in (errno.ENOSPC, errno.EDQUOT)
-    free = _free_bytes(Path(folder))
-    return free is not None and free < NEARLY_FULL_BYTES
+    return _nearly_full(Path(folder))
 
 
 def _os_error(error: BaseException | None) -> OSError | None:
@@ -143,14 +143,24 @@ def _os_error(error: BaseException | None) -> OSError | None:
     return None
 
 
-def _free_bytes(folder: Path) -> int | None:
+def _usage(folder: Path) -> Any:
     for candidate in (folder, *folder.parents):
         if candidate.exists():
             try:
-                return shutil.disk_usage(candidate).free
+                return shutil.disk_usage(candidate)
             except OSError:
                 return None
     return None
+
+
+def _free_bytes(folder: Path) -> int | None:
+    usage = _usage(folder)
+    return None if usage is None else int(usage.free)
+
+
+def _nearly_full(folder: Path) -> bool:
+    usage = _usage(folder)
+    return usage is not None and usage.free < min(NEARLY_FULL_BYTES, 0.02 * usage.total)
 
 
 def _size(n: int) -> str:
