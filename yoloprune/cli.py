@@ -36,7 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_verbosity("WARNING")
     set_progress(not getattr(args, "no_progress", False))  # the long steps' bars too, not only the trials'
     try:
-        return int(args.func(args) or 0)
+        with _SigtermAsInterrupt():
+            return int(args.func(args) or 0)
     except YoloPruneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -46,9 +47,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         traceback.print_exc()
         print(f"internal error: {e}", file=sys.stderr)
         return 70  # EX_SOFTWARE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        print("terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
+        return 130  # as for Ctrl-C: the commands that resume say so in the same words either way
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``docker stop``, a batch scheduler) stopping a command: handled as Ctrl-C is."""
+
+
+class _SigtermAsInterrupt:
+    """While a command runs, SIGTERM raises :class:`Terminated` in the main thread, so it stops the way Ctrl-C
+    does: the running trial is recorded as interrupted (queued again on resume) and files are closed. A second
+    SIGTERM ends the process at once. Only the main thread may set signal handlers; elsewhere this does nothing."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+    @staticmethod
+    def _handler(signum: int, frame: object) -> None:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -217,14 +249,22 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=1, help="measure the models interleaved this many times")
     s.add_argument("--url", default=None, help="the agent's URL, for --backend remote")
     s.add_argument("--remote-backend", default="onnxruntime", help="the runtime the agent uses")
+    s.add_argument("--cafile", default=None, help="the CA certificate (PEM) of an https:// agent's certificate")
     s.set_defaults(func=_cmd_latency)
 
     s = sub.add_parser("agent", help="serve latency measurements on this (target) device over HTTP")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=int, default=8765)
     s.add_argument("--token", default=None, help="required unless on loopback (default: $YOLOPRUNE_AGENT_TOKEN)")
-    s.add_argument("--max-upload-mb", type=float, default=256.0)
-    s.add_argument("--timeout-s", type=float, default=900.0, help="per measurement")
+    s.add_argument("--max-upload-mb", type=float, default=256.0, help="largest upload (default 256; 413 above)")
+    s.add_argument("--timeout-s", type=float, default=900.0,
+                   help="per measurement; its process is killed past it (504) (default 900)")  # fmt: skip
+    s.add_argument("--queue", type=int, default=4,
+                   help="measurements that may wait behind the running one; 503 + Retry-After beyond (default 4)")  # fmt: skip
+    s.add_argument("--max-connections", type=int, default=32, help="open connections at once (default 32)")
+    s.add_argument("--read-timeout-s", type=float, default=60.0, help="drop a connection silent this long (default 60)")
+    s.add_argument("--certfile", default=None, help="serve HTTPS with this certificate chain (PEM)")
+    s.add_argument("--keyfile", default=None, help="the certificate's private key (PEM), if not in --certfile")
     s.set_defaults(func=_cmd_agent)
 
     s = sub.add_parser(
@@ -317,13 +357,13 @@ def _cmd_stages(args: argparse.Namespace) -> int:
 def _cmd_latency(args: argparse.Namespace) -> int:
     import tempfile
 
-    import numpy as np
     import pandas as pd
     from pydantic import ValidationError
 
     from yoloprune.config import latency_target
     from yoloprune.config.loading import _explain
     from yoloprune.evaluators.hardware import HardwareEvaluator
+    from yoloprune.evaluators.latency.stats import summarize
     from yoloprune.pruning import measure_costs
     from yoloprune.ultra.models import load_detector
 
@@ -337,35 +377,34 @@ def _cmd_latency(args: argparse.Namespace) -> int:
                 raise ConfigError(
                     "--backend remote measures on a device's `yoloprune agent`: give its agent's url (--url)."
                 )
-            fields |= {"url": args.url, "remote_backend": args.remote_backend}
-        elif args.url:
-            raise ConfigError("--url is for --backend remote (a device's `yoloprune agent`).")
+            fields |= {"url": args.url, "remote_backend": args.remote_backend, "cafile": args.cafile}
+        elif args.url or args.cafile:
+            raise ConfigError("--url and --cafile are for --backend remote (a device's `yoloprune agent`).")
         else:
             fields["threads"] = args.threads
         target = latency_target(**fields)
     except ValidationError as e:
         raise ConfigError("invalid latency options:\n" + _explain(e)) from None
     models = {path: load_detector(path).eval() for path in args.models}
-    medians: dict[str, list[float]] = {path: [] for path in models}
-    last: dict[str, dict[str, float]] = {}
+    pooled: dict[str, list[float]] = {path: [] for path in models}
     with tempfile.TemporaryDirectory(prefix="yoloprune-latency-") as tmp:
         hardware = HardwareEvaluator([target], imgsz=args.imgsz, store=None, workdir=Path(tmp))
         for _ in range(args.repeats):  # interleaved, so drift hits every model alike
             for path, model in models.items():
-                _, details = hardware.measure(model, use_cache=False)
-                medians[path].append(details["cli"]["median_ms"])
-                last[path] = details["cli"]
-    reference = float(np.median(medians[args.models[0]]))
+                _, details = hardware.measure(model, use_cache=False, times=True)
+                pooled[path].extend(details["cli"]["times_ms"])
+    stats = {path: summarize(times) for path, times in pooled.items()}  # percentiles of one pool of runs
+    reference = stats[args.models[0]]["median_ms"]
     rows = [
         {
-            "model": path, "GFLOPs": measure_costs(models[path], args.imgsz).gflops,
-            "median ms": float(np.median(ms)), "p90 ms": last[path]["p90_ms"], "CV": last[path]["cv"],
-            "runs": last[path]["runs"], "ratio": float(np.median(ms)) / reference,
+            "model": path, "GFLOPs": measure_costs(models[path], args.imgsz).gflops, "median ms": s["median_ms"],
+            "p90 ms": s["p90_ms"], "p99 ms": s["p99_ms"], "CV": s["cv"], "runs": int(s["runs"]),
+            "ratio": s["median_ms"] / reference,
         }
-        for path, ms in medians.items()
+        for path, s in stats.items()
     ]  # fmt: skip
     print(f"{args.backend} on {args.device}, {args.precision}, batch {args.batch}, {args.imgsz} px "
-          f"({args.repeats} interleaved repeat(s); ratio: to {args.models[0]})")  # fmt: skip
+          f"({args.repeats} interleaved repeat(s), every run of a model pooled; ratio: to {args.models[0]})")  # fmt: skip
     print(format_table(pd.DataFrame(rows)))
     return 0
 
@@ -688,12 +727,15 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 def _cmd_agent(args: argparse.Namespace) -> int:
     import os
 
-    from yoloprune.evaluators.latency.agent import AgentServer
+    from yoloprune.evaluators.latency.agent import AgentLimits, AgentServer
 
     token = args.token or os.environ.get("YOLOPRUNE_AGENT_TOKEN")
-    server = AgentServer(args.host, args.port, token=token, max_upload_mb=args.max_upload_mb, timeout_s=args.timeout_s)
+    limits = AgentLimits(max_upload_mb=args.max_upload_mb, timeout_s=args.timeout_s, queue=args.queue,
+                         max_connections=args.max_connections, read_timeout_s=args.read_timeout_s)  # fmt: skip
+    server = AgentServer(args.host, args.port, token=token, limits=limits, certfile=args.certfile, keyfile=args.keyfile)
     print(
-        f"yoloprune agent on http://{args.host}:{server.server_address[1]} (token {'set' if token else 'off'})",
+        f"yoloprune agent on {server.scheme}://{args.host}:{server.server_address[1]} (token "
+        f"{'set' if token else 'off'}; queue {limits.queue}, {limits.max_connections} connections)",
         flush=True,
     )
     try:
