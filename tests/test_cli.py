@@ -56,7 +56,9 @@ def test_latency_command_times_models_against_the_first(tmp_path):
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "onnxruntime on cpu, int8, batch 1, 96 px (2 interleaved repeat(s), every run of a model pooled" in proc.stdout
+    assert (
+        "onnxruntime on cpu, int8, batch 1, 96 px (2 interleaved repeat(s), every run of a model pooled" in proc.stdout
+    )
     rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines()[2:]}
     assert float(rows["yolov8n.yaml"][-1]) == 1.0 and 0 < float(rows[str(pruned)][-1]) < 2
     for _, median, p90, p99, _cv, runs, _ratio in (row[1:] for row in rows.values()):
