@@ -103,7 +103,7 @@ def test_optuna_internals_the_adapter_uses():
 def test_every_retried_storage_call_exists_on_rdb_storage():
     from optuna.storages import RDBStorage
 
-    from yoloprune.storage.optuna_adapter import RetryingRDBStorage
+    from yoloprune.storage.optuna_storage import RetryingRDBStorage
 
     retried = [
         n
@@ -131,7 +131,7 @@ def test_every_storage_call_of_optunas_cache_is_retried():
     from optuna.storages import RDBStorage
     from optuna.storages._cached_storage import _CachedStorage
 
-    from yoloprune.storage.optuna_adapter import RetryingRDBStorage
+    from yoloprune.storage.optuna_storage import RetryingRDBStorage
 
     called = set(re.findall(r"self\._backend\.(_[a-z_]+)\(", inspect.getsource(_CachedStorage)))
     assert {"_create_new_trial", "_get_trials"} <= called, "Optuna's cache no longer calls what it did"

@@ -20,7 +20,8 @@ from sqlalchemy.engine import Engine
 from yoloprune.errors import StorageError
 from yoloprune.storage import Store, retry
 from yoloprune.storage.db import normalize_url
-from yoloprune.storage.optuna_adapter import CREATE_KEY, enqueue, fail_trial, new_trial, rdb_storage
+from yoloprune.storage.optuna_adapter import enqueue, fail_trial, new_trial, rdb_storage
+from yoloprune.storage.optuna_storage import CREATE_KEY
 from yoloprune.storage.record import TrialRecord
 
 
