@@ -139,6 +139,15 @@ def test_refusals_come_from_the_headers_with_the_body_unread(agent, case, token,
 def test_bad_uploads_are_400_and_it_keeps_serving(agent, onnx_file):
     status, body = _post(agent, b"this is not an onnx model")
     assert status == 400 and "not a valid ONNX model" in body["error"]
+    parsed = urllib.parse.urlparse(agent)
+    conn = http.client.HTTPConnection(parsed.hostname, parsed.port, timeout=10)
+    conn.putrequest("POST", "/measure", skip_accept_encoding=True)
+    conn.putheader("Content-Length", "\u00b2".encode())  # a digit to str.isdigit, not to int()
+    conn.endheaders()
+    assert conn.getresponse().status == 411
+    conn.close()
+    status, body = _post(agent, onnx_file.read_bytes())
+    assert status == 200 and "times_ms" not in body  # the runs only for a client that asks (times=1)
     status, _ = _post(agent, onnx_file.read_bytes())
     assert status == 200  # still serving real requests
 
@@ -213,6 +222,51 @@ def test_a_reset_connection_is_one_log_line(agent, agent_log):
     assert not any("Traceback" in line for line in agent_log) and _healthy(agent)
 
 
+def test_headers_are_bounded_in_size_and_time(agent_log):
+    with serving(read_timeout_s=2) as (_, url):
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.sendall(b"GET /health HTTP/1.1\r\n" + b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 200) for i in range(90)))
+        assert b" 431 " in sock.recv(4096).split(b"\r\n")[0]  # over 16 KiB of headers, before their end
+        sock.close()
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        start = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\n")
+        closed_after = None
+        for _ in range(20):  # a header byte every 0.5 s: never silent for 2 s, yet cut off at 2 s
+            time.sleep(0.5)
+            try:
+                sock.sendall(b"X")
+                if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                    closed_after = time.monotonic() - start
+                    break
+            except BlockingIOError:
+                continue  # still open, nothing to read
+            except OSError:
+                closed_after = time.monotonic() - start
+                break
+        assert closed_after is not None and 1.5 < closed_after < 6
+        sock.close()
+        assert _healthy(url)
+    assert any("not complete within 2 s" in line for line in agent_log)
+
+
+def test_a_client_that_hangs_up_while_queued_is_not_measured(onnx_file, agent_log):
+    with serving(timeout_s=4, queue=1) as (server, url):
+        endless = threading.Thread(target=_post, args=(url, onnx_file.read_bytes()), kwargs={"spec": ENDLESS})
+        endless.start()
+        _wait_for(lambda: server.device.locked())
+        body = onnx_file.read_bytes()
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(f"POST /measure?backend=onnxruntime HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+        time.sleep(0.5)
+        sock.close()  # gave up while the endless measurement holds the device
+        endless.join(30)
+        _wait_for(lambda: any("hung up while queued" in line for line in agent_log))
+
+
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
@@ -259,6 +313,7 @@ def test_agent_process_imports_no_torch_and_stays_small(onnx_file, tmp_path):
     Torch-Pruning, pandas, SQLAlchemy, Optuna, pydantic, OpenCV and SciPy cannot be imported, in the
     agent and in its measuring processes."""
     (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    (tmp_path / "tensorrt.py").write_text("")  # as on a Jetson: TensorRT there, whose check imports torch
     env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     proc = subprocess.Popen([sys.executable, "-m", "yoloprune.cli", "agent", "--port", "0", "--token", TOKEN],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
@@ -266,7 +321,9 @@ def test_agent_process_imports_no_torch_and_stays_small(onnx_file, tmp_path):
         banner = proc.stdout.readline()
         assert "yoloprune agent on http://127.0.0.1:" in banner, proc.stderr.read() if proc.poll() else banner
         url = banner.split(" on ")[1].split(" ")[0]
-        result = get_backend("remote", url=url, token=TOKEN).measure_file(onnx_file, SPEC)
+        remote = get_backend("remote", url=url, token=TOKEN)
+        assert remote.health()["backends"] == ["onnxruntime"]  # TensorRT's check failed (no torch) in a child
+        result = remote.measure_file(onnx_file, SPEC)
         assert result.runs >= 5
         rss_mb = _rss_mb(proc.pid)
         assert rss_mb < 150, f"the idle agent holds {rss_mb:.0f} MB"

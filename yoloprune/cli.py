@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from yoloprune.device import default_device
-from yoloprune.errors import ConfigError, InternalError, YoloPruneError
+from yoloprune.errors import ConfigError, EvaluatorError, InternalError, YoloPruneError
 from yoloprune.log import get_logger, set_progress, set_verbosity
 from yoloprune.tables import format_table
 
@@ -393,6 +393,11 @@ def _cmd_latency(args: argparse.Namespace) -> int:
             for path, model in models.items():
                 _, details = hardware.measure(model, use_cache=False, times=True)
                 pooled[path].extend(details["cli"]["times_ms"])
+    if not all(pooled.values()):
+        raise EvaluatorError(
+            f"the {args.backend} backend returned no run times (an agent older than this yoloprune?): upgrade "
+            "yoloprune where it runs."
+        )
     stats = {path: summarize(times) for path, times in pooled.items()}  # percentiles of one pool of runs
     reference = stats[args.models[0]]["median_ms"]
     rows = [

@@ -9,53 +9,60 @@
 Hardening, in the order a request meets it:
 
 1. at most ``max_connections`` open connections (more get 503 at once), each dropped after
-   ``read_timeout_s`` of silence;
+   ``read_timeout_s`` of silence; the TLS handshake, the request line and the headers must all arrive within
+   ``read_timeout_s`` and fit in 16 KiB (431 above), so a slow or bloated client cannot hold a slot or memory;
 2. path, ``Content-Length`` (411, 413), token (401) and query (400) are checked from the headers alone: a
-   refused upload is never read (the connection is closed after at most 64 KiB are drained, so the client
-   can read the answer);
+   refused upload is never read (the connection is closed after at most 64 KiB or 2 s are drained, so the
+   client can read the answer);
 3. a bounded queue: one measurement runs, ``queue`` more may wait; beyond that 503 with ``Retry-After``.
    An admitted upload streams to a temporary file, never into memory, so the agent's memory does not grow
    with uploads or clients;
-4. each measurement runs in a fresh child process (spawned: no state shared with the server) that checks
-   the file with the ONNX checker (nothing is unpickled) and times it; past ``timeout_s`` the child is
-   killed and the client gets 504, so the device is free for the next request at once. A crash of the
-   runtime is a 500 and the agent keeps serving.
+4. each measurement runs in a fresh child process (:mod:`.agent_worker`) that checks the file with the
+   ONNX checker (nothing is unpickled) and times it; past ``timeout_s`` the child is killed and the client
+   gets 504, so the device is free for the next request at once. A crash of the runtime is a 500 and the
+   agent keeps serving; a client that hung up while queued is not measured.
 
 TLS with ``certfile``/``keyfile``; every request and every refusal is logged with the client's address.
-The server process imports neither torch nor ONNX Runtime; the child imports only what its backend needs
-(``onnxruntime``: onnx, ONNX Runtime, NumPy; ``tensorrt`` also torch, for CUDA buffers).
+The server process imports neither torch nor ONNX Runtime, not even for ``/health`` (the backends are
+probed once, in a child); the child imports only what its backend needs (``onnxruntime``: onnx, ONNX
+Runtime, NumPy; ``tensorrt`` also torch, for CUDA buffers).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import ipaddress
 import json
 import math
-import multiprocessing
+import select
 import socket
 import ssl
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from yoloprune.errors import ConfigError, YoloPruneError
+from yoloprune.errors import ConfigError
+from yoloprune.evaluators.latency.agent_worker import FILE_BACKENDS, probe_backends, run_measurement
 from yoloprune.evaluators.latency.base import LatencySpec
 from yoloprune.log import get_logger
 
 LOGGER = get_logger(__name__)
 
-#: Backends the agent can run a file with (they implement ``measure_file``).
-FILE_BACKENDS = ("onnxruntime", "tensorrt")
-#: What a refused request may still have sent of its body: drained, not read, so the client sees the answer.
+#: What a refused request may still have sent of its body: drained (for at most 2 s), not read, so the
+#: client sees the answer.
 _DRAIN_BYTES = 64 * 1024
+_DRAIN_S = 2.0
+#: The request line and headers together (a measurement's are well under 1 KiB).
+MAX_HEADER_BYTES = 16 * 1024
 _CHUNK = 1 << 20
 
 
@@ -125,6 +132,15 @@ class AgentServer(ThreadingHTTPServer):
         self.connections = threading.BoundedSemaphore(self.limits.max_connections)
         self.mean_measure_s = 10.0  # for Retry-After; updated after each measurement
         self.last_child_pid: int | None = None
+        self._backends: list[str] | None = None
+        self._probe = threading.Lock()
+
+    def backends(self) -> list[str]:
+        """The file backends this device can run, probed once in a child process (no runtime loads here)."""
+        with self._probe:
+            if self._backends is None:
+                self._backends = probe_backends()
+            return self._backends
 
     @property
     def scheme(self) -> str:
@@ -133,7 +149,8 @@ class AgentServer(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self.connections.acquire(blocking=False):
             LOGGER.warning("agent: %s refused: %d connections open", client_address[0], self.limits.max_connections)
-            _answer_busy(request, self.retry_after())
+            if self.tls is None:  # (a TLS client could not read a plain answer: it is only disconnected)
+                _answer_busy(request, self.retry_after())
             self.shutdown_request(request)
             return
         try:
@@ -153,11 +170,14 @@ class AgentServer(ThreadingHTTPServer):
         if self.tls is None:
             self.RequestHandlerClass(request, client_address, self)  # type: ignore[arg-type]
             return
+        deadline = _Deadline(request, self.limits.read_timeout_s)
         try:  # the handshake runs here, in the connection's thread, not in the accepting one
             wrapped = self.tls.wrap_socket(request, server_side=True)
         except (ssl.SSLError, OSError) as e:
             LOGGER.warning("agent: %s TLS handshake failed: %s", client_address[0], e)
             return
+        finally:
+            deadline.cancel()
         try:
             self.RequestHandlerClass(wrapped, client_address, self)  # type: ignore[arg-type]
         finally:
@@ -175,11 +195,17 @@ class AgentServer(ThreadingHTTPServer):
         """Seconds a refused client should wait: about one measurement."""
         return max(1, math.ceil(self.mean_measure_s))
 
-    def measure(self, path: Path, backend: str, spec: LatencySpec, client: str) -> tuple[str, Any]:
-        """Run one measurement in a child process, waiting for the device; ``(outcome, payload)``."""
+    def measure(
+        self, path: Path, backend: str, spec: LatencySpec, client: str, gone: Callable[[], bool]
+    ) -> tuple[str, Any]:
+        """Run one measurement in a child process, waiting for the device; ``(outcome, payload)``. A client
+        that hung up while it waited (``gone``) is not measured."""
         with self.device:
+            if gone():
+                LOGGER.info("agent: %s hung up while queued; not measured", client)
+                return "gone", None
             start = time.monotonic()
-            outcome, payload, pid = _run_child(path, backend, spec, self.limits.timeout_s)
+            outcome, payload, pid = run_measurement(path, backend, spec, self.limits.timeout_s)
             elapsed = time.monotonic() - start
             self.last_child_pid = pid
         if outcome == "ok":
@@ -198,6 +224,38 @@ class _Handler(BaseHTTPRequestHandler):
     def log_error(self, format: str, *args: Any) -> None:
         LOGGER.warning("agent: %s %s", self.client_address[0], format % args)
 
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _CappedReader(self.rfile, MAX_HEADER_BYTES)  # type: ignore[assignment]
+
+    def handle_one_request(self) -> None:
+        """One request; its line and headers must arrive within ``read_timeout_s`` (not merely each byte)."""
+        self.rfile.start_headers()  # type: ignore[attr-defined]
+        self._deadline = _Deadline(self.connection, self.server.limits.read_timeout_s)
+        try:
+            super().handle_one_request()
+        finally:
+            self._deadline.cancel()
+
+    def parse_request(self) -> bool:
+        """The request line and headers (read here), then the header checks the stdlib does not make."""
+        ok = super().parse_request()
+        self._deadline.cancel()
+        self.rfile.end_headers()  # type: ignore[attr-defined]
+        if self._deadline.expired:
+            self.close_connection = True
+            self.log_error(
+                "request headers not complete within %.0f s; disconnected", self.server.limits.read_timeout_s
+            )
+            return False
+        if self.rfile.over:  # type: ignore[attr-defined]
+            self.close_connection = True
+            self.send_error(
+                HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE, f"request headers over {MAX_HEADER_BYTES} bytes"
+            )
+            return False
+        return ok
+
     def handle_expect_100(self) -> bool:
         """``Expect: 100-continue`` is answered once the request is admitted (:meth:`do_POST`), not at once:
         a client that waits for it sends no byte of a refused upload."""
@@ -206,7 +264,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if urlparse(self.path).path != "/health":
             return self._reply(HTTPStatus.NOT_FOUND, {"error": "unknown path; use GET /health or POST /measure"})
-        payload: dict[str, Any] = {"status": "ok", "backends": _available_backends(),
+        payload: dict[str, Any] = {"status": "ok", "backends": self.server.backends(),
                                    "max_upload_bytes": self.server.max_upload, "queue": self.server.limits.queue}  # fmt: skip
         if "Authorization" in self.headers:
             payload["token_ok"] = self._authorized()
@@ -231,12 +289,22 @@ class _Handler(BaseHTTPRequestHandler):
                     self.end_headers()
                 if not self._receive(path, int(self.headers["Content-Length"])):
                     return None
-                outcome, payload = self.server.measure(path, backend, spec, self.client_address[0])
+                outcome, payload = self.server.measure(path, backend, spec, self.client_address[0], self._gone)
+        except OSError as e:  # the device's own disk (full, read-only temp folder): say so, keep serving
+            if isinstance(e, ConnectionError | TimeoutError):
+                raise
+            self.close_connection = True
+            return self._reply(HTTPStatus.INSUFFICIENT_STORAGE, {"error": f"the agent cannot store the upload: {e}"})
         finally:
             self.server.admitted.release()
+        if outcome == "gone":
+            self.close_connection = True
+            return None
         status = {"ok": HTTPStatus.OK, "bad": HTTPStatus.BAD_REQUEST, "timeout": HTTPStatus.GATEWAY_TIMEOUT}
         if outcome == "timeout":
             payload = f"measurement took over {self.server.limits.timeout_s} s; its process was killed"
+        if outcome == "ok" and parse_qs(urlparse(self.path).query).get("times", ["0"])[0] != "1":
+            payload = {k: v for k, v in payload.items() if k != "times_ms"}  # only for clients that ask
         if outcome != "ok":
             self.log_error("measurement refused or failed (%s): %s", outcome, payload)
             payload = {"error": payload}
@@ -247,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
         if urlparse(self.path).path != "/measure":
             return HTTPStatus.NOT_FOUND, "unknown path; use POST /measure"
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not (length.isascii() and length.isdigit()):
             return HTTPStatus.LENGTH_REQUIRED, "Content-Length is required"
         if int(length) > self.server.max_upload:
             return (HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
@@ -292,15 +360,23 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             self.wfile.flush()
             self.connection.shutdown(socket.SHUT_WR)
-            self.connection.settimeout(1.0)
-            drained = 0
-            while drained < _DRAIN_BYTES:
+            deadline, drained = time.monotonic() + _DRAIN_S, 0
+            while drained < _DRAIN_BYTES and (left := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(left)
                 chunk = self.connection.recv(min(16384, _DRAIN_BYTES - drained))
                 if not chunk:
                     break
                 drained += len(chunk)
         except (OSError, ValueError):
             pass
+
+    def _gone(self) -> bool:
+        """True when the client has closed its connection (checked before its measurement starts)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):  # a TLS socket cannot peek: taken as still there
+            return False
 
     def _reply(self, status: HTTPStatus, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
@@ -316,15 +392,67 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _answer_busy(request: socket.socket, retry_after: int) -> None:
-    """A bare 503 written by the accepting thread when every connection slot is taken."""
+    """A bare 503 written by the accepting thread when every connection slot is taken; what the client has
+    already sent is drained without waiting, so the close does not reset the answer away."""
     body = b'{"error": "the agent has too many open connections; retry later"}'
     head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             f"Retry-After: {retry_after}\r\nConnection: close\r\n\r\n")  # fmt: skip
     try:
+        request.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            request.recv(_DRAIN_BYTES)
         request.settimeout(1.0)
         request.sendall(head.encode() + body)
     except OSError:
         pass
+
+
+class _Deadline:
+    """Shuts ``sock`` down unless cancelled within ``seconds``: a total deadline, where a socket timeout only
+    bounds the silence between two bytes."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire, args=(sock,))
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _expire(self, sock: socket.socket) -> None:
+        self.expired = True
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+
+class _CappedReader:
+    """The connection's reader, allowing at most ``limit`` bytes for a request's line and headers."""
+
+    def __init__(self, raw: Any, limit: int) -> None:
+        self._raw, self._limit, self._used, self._capped, self.over = raw, limit, 0, False, False
+
+    def start_headers(self) -> None:
+        self._used, self._capped, self.over = 0, True, False
+
+    def end_headers(self) -> None:
+        self._capped = False
+
+    def readline(self, size: int = -1) -> bytes:
+        if not self._capped:
+            return bytes(self._raw.readline(size))
+        left = self._limit - self._used
+        if left <= 0:
+            self.over = True
+            return b""
+        line = bytes(self._raw.readline(left if size < 0 else min(size, left)))
+        self._used += len(line)
+        if self._used >= self._limit and not line.endswith(b"\n"):
+            self.over = True
+        return line
+
+    def __getattr__(self, name: str) -> Any:  # read, read1, close, ...: the body is read as it is
+        return getattr(self._raw, name)
 
 
 def _parse_query(query: str) -> tuple[str, LatencySpec]:
@@ -340,64 +468,6 @@ def _parse_query(query: str) -> tuple[str, LatencySpec]:
     if not isinstance(raw, dict) or set(raw) - known:
         raise ValueError(f"spec must be a JSON object with keys among {sorted(known)}")
     return backend, LatencySpec(**raw)
-
-
-def _available_backends() -> list[str]:
-    from yoloprune.registry import LATENCY_BACKENDS
-
-    return [name for name in FILE_BACKENDS if LATENCY_BACKENDS.get(name).available()]
-
-
-def _run_child(path: Path, backend: str, spec: LatencySpec, timeout_s: float) -> tuple[str, Any, int | None]:
-    """``(outcome, payload, pid)`` of one measurement in a spawned process; killed past ``timeout_s``.
-
-    Outcomes: ``ok`` (the result's dict), ``bad`` (the input's fault: 400), ``error`` (the runtime's: 500),
-    ``crash`` (the process died: 500), ``timeout`` (504).
-    """
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child_main, args=(sender, str(path), backend, asdict(spec)), daemon=True)
-    process.start()
-    sender.close()
-    try:
-        if not receiver.poll(timeout_s):
-            return "timeout", None, process.pid
-        try:
-            outcome, payload = receiver.recv()
-        except EOFError:
-            process.join(5)
-            return "crash", f"the measuring process died (exit code {process.exitcode})", process.pid
-        return outcome, payload, process.pid
-    finally:
-        if process.is_alive():
-            process.kill()
-        process.join(5)
-        receiver.close()
-
-
-def _child_main(sender: Any, path: str, backend: str, spec: dict[str, Any]) -> None:
-    """The measuring process: check the file, time it, send ``(outcome, payload)`` back."""
-    from yoloprune.evaluators.latency.base import get_backend
-
-    try:
-        _check_onnx_file(Path(path))
-        result = get_backend(backend).measure_file(Path(path), LatencySpec(**spec))  # type: ignore[attr-defined]
-        message: tuple[str, Any] = ("ok", result.as_dict())
-    except (ValueError, YoloPruneError) as e:
-        message = ("bad", str(e))
-    except Exception as e:  # the runtime's failure: reported, the agent keeps serving
-        message = ("error", f"{type(e).__name__}: {e}")
-    sender.send(message)
-    sender.close()
-
-
-def _check_onnx_file(path: Path) -> None:
-    import onnx
-
-    try:
-        onnx.checker.check_model(onnx.load_model(str(path)))
-    except Exception as e:
-        raise ValueError(f"the upload is not a valid ONNX model ({type(e).__name__}: {str(e)[:300]})") from e
 
 
 def _tls_context(certfile: str | None, keyfile: str | None) -> ssl.SSLContext | None:

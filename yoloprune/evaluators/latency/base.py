@@ -7,7 +7,7 @@ import abc
 import hashlib
 import json
 import platform
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
@@ -99,7 +99,9 @@ class LatencyResult:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> LatencyResult:
-        return cls(**d)
+        """The record from :meth:`as_dict`; keys a newer yoloprune (an agent, a cache) added are ignored."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class LatencyBackend(abc.ABC):

@@ -66,13 +66,21 @@ class RemoteBackend(LatencyBackend):
         return self.measure_file(path, spec)
 
     def health(self) -> dict[str, object]:
-        """The agent's ``/health`` answer (raises :class:`EvaluatorError` when it cannot be reached)."""
+        """The agent's ``/health`` answer (raises :class:`EvaluatorError` when it cannot be reached); an agent
+        with every connection taken (503) is asked again after its ``Retry-After``, for up to ``timeout_s``."""
         request = urllib.request.Request(f"{self.url}/health", headers={"Authorization": f"Bearer {self.token or ''}"})
-        try:
-            with urllib.request.urlopen(request, timeout=min(self.timeout_s, 30), context=self.context) as response:
-                return dict(json.loads(response.read()))
-        except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
-            raise EvaluatorError(f"agent at {self.url} is unreachable or timed out ({_reason(e)}).") from e
+        deadline = time.monotonic() + self.timeout_s
+        while True:
+            try:
+                with urllib.request.urlopen(request, timeout=min(self.timeout_s, 30), context=self.context) as r:
+                    return dict(json.loads(r.read()))
+            except urllib.error.HTTPError as e:
+                wait = _retry_after(e.headers.get("Retry-After"))
+                if e.code != 503 or time.monotonic() + wait > deadline:
+                    raise EvaluatorError(f"agent at {self.url} answered {e.code} to /health: {e.reason}.") from e
+                time.sleep(wait)
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
+                raise EvaluatorError(f"agent at {self.url} is unreachable or timed out ({_reason(e)}).") from e
 
     def measure_file(self, path: Path, spec: LatencySpec) -> LatencyResult:
         health = self.health()
@@ -87,7 +95,7 @@ class RemoteBackend(LatencyBackend):
                 f"agent at {self.url} refuses {'this' if self.token else 'a missing'} token: set the one it was "
                 "started with in $YOLOPRUNE_AGENT_TOKEN (or the variable the target's token_env names)."
             )
-        query = urllib.parse.urlencode({"backend": self.remote_backend, "spec": json.dumps(vars(spec))})
+        query = urllib.parse.urlencode({"backend": self.remote_backend, "spec": json.dumps(vars(spec)), "times": 1})
         deadline = time.monotonic() + self.timeout_s
         while True:
             try:
