@@ -4,7 +4,8 @@ process alone, and with its measuring process), every status code returned, the 
 requests, that every valid measurement completed, and that the agent still serves at the end.
 
 Hostile clients behave like a careless or malicious client: they send the whole body at once, without
-``Expect: 100-continue``, so a refusal often reaches them as a reset connection (counted as ``reset``).
+``Expect: 100-continue``, so a refusal often reaches them as a reset connection (counted as ``reset``);
+or 200 KB of headers; or headers at one byte a second (the agent runs with ``--read-timeout-s 10``).
 Valid clients use yoloprune's remote backend, which waits out 503 answers (``Retry-After``).
 
     .venv/bin/python experiments/agent_load.py [--clients 50] [--valid 10] [--rounds 3] [--imgsz 64]
@@ -21,6 +22,7 @@ import collections
 import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -72,6 +74,8 @@ class Sampler(threading.Thread):
 
 def hostile(port: int, kind: str, body: bytes, limit_bytes: int) -> str:
     """One hostile request; its status code, or what the connection did."""
+    if kind in ("header flood", "slow headers"):
+        return raw_headers(port, kind)
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     headers = {"Authorization": f"Bearer {'wrong' if kind == 'wrong token' else TOKEN}"}
     try:
@@ -89,6 +93,26 @@ def hostile(port: int, kind: str, body: bytes, limit_bytes: int) -> str:
         return type(e).__name__
     finally:
         conn.close()
+
+
+def raw_headers(port: int, kind: str) -> str:
+    """Headers the agent must bound: 200 KB of them, or one byte a second (never silent long enough for a
+    per-read timeout)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+    try:
+        sock.sendall(b"POST /measure HTTP/1.1\r\n")
+        if kind == "header flood":
+            sock.sendall(b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(200)))
+            return sock.recv(64).split(b" ")[1].decode()
+        start = time.monotonic()
+        while time.monotonic() - start < 120:
+            sock.sendall(b"X")
+            time.sleep(1.0)
+        return "never cut off"
+    except (ConnectionResetError, BrokenPipeError, IndexError):
+        return "cut off" if kind == "slow headers" else "reset"
+    finally:
+        sock.close()
 
 
 def valid(url: str, onnx: Path, imgsz: int) -> tuple[str, float]:
@@ -112,7 +136,8 @@ def answer(line: str) -> str:
 
 def start_agent(python: str, upload_mb: float, log: Path) -> tuple[subprocess.Popen, str]:
     command = [python, "-m", "yoloprune.cli", "agent", "--port", "0", "--token", TOKEN, "--queue", "4",
-               "--max-connections", "32", "--max-upload-mb", str(upload_mb), "--timeout-s", "300"]  # fmt: skip
+               "--max-connections", "32", "--max-upload-mb", str(upload_mb), "--timeout-s", "300",
+               "--read-timeout-s", "10"]  # fmt: skip
     agent = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
     banner = agent.stdout.readline()  # type: ignore[union-attr]
     if " on http://" not in banner:
@@ -137,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     outcomes: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     latencies: list[float] = []
     lock = threading.Lock()
-    kinds = ["garbage", "wrong token", "oversized"]
+    kinds = ["garbage", "wrong token", "oversized", "header flood", "slow headers"]
 
     def client(index: int) -> None:
         for round_ in range(args.rounds):
@@ -172,6 +197,7 @@ def run(args: argparse.Namespace) -> dict:
     served = collections.Counter(answer(line) for line in lines if 'HTTP/1.1" ' in line)
     served["503 at the connection limit"] = sum("connections open" in line for line in lines)
     served["connection failed (client reset)"] = sum("connection failed" in line for line in lines)
+    served["cut off: headers not complete in time"] = sum("not complete within" in line for line in lines)
     return {
         "clients": args.clients, "valid_clients": args.valid, "rounds": args.rounds, "imgsz": args.imgsz,
         "upload_mb": args.upload_mb, "seconds": round(elapsed, 1), "idle_rss_mb": round(idle, 1),
