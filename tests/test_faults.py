@@ -220,7 +220,7 @@ def test_sigterm_mid_trial_stops_like_ctrl_c(tmp_path, tiny_data):
     finally:
         if proc.poll() is None:
             proc.kill()
-    _assert_fails_cleanly(subprocess.CompletedProcess(proc.args, proc.returncode, _out, err), 130,
+    _assert_fails_cleanly(subprocess.CompletedProcess(proc.args, proc.returncode, _out, err), 143,
                           "finished trials are kept; run the same command again to resume")  # fmt: skip
     trials = _study(cfg_path).get_trials()
     assert trials[0].state == TrialState.COMPLETE
@@ -228,6 +228,36 @@ def test_sigterm_mid_trial_stops_like_ctrl_c(tmp_path, tiny_data):
     _resume(cfg_path, {0: trials[0].values}, tmp_path)
     retry = [t for t in _study(cfg_path).get_trials() if t.user_attrs.get("retry_of") == 1]
     assert len(retry) == 1 and retry[0].params == trials[1].params and retry[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize(
+    ("stop", "code", "said"),
+    [
+        ("sigterm", 143, "terminated (SIGTERM)"),  # 128 + SIGTERM, as `timeout` and batch schedulers expect
+        ("sigterm-caught", 143, "stopped: finished trials are kept"),  # a command that says what is kept itself
+        ("ctrl-c", 130, "interrupted"),
+        ("ctrl-c-caught", 130, "stopped: finished trials are kept"),
+    ],
+)
+def test_exit_codes_of_sigterm_and_ctrl_c(monkeypatch, capsys, stop, code, said):
+    from yoloprune import cli
+
+    def command(args):
+        try:
+            if stop.startswith("sigterm"):
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(10)  # the handler raises here
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if not stop.endswith("caught"):
+                raise
+            print("stopped: finished trials are kept", file=sys.stderr)
+            return 130  # as `yoloprune search` does
+
+    monkeypatch.setattr(cli, "_cmd_stages", command)
+    assert cli.main(["stages", "yolov8n.yaml"]) == code
+    assert said in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is gone after the command
 
 
 @pytest.mark.parametrize("fault", ["delete-db", "remove-db-folder"])

@@ -179,39 +179,48 @@ def test_storage_survives_a_database_restart(postgres):
 
 
 _HOLD = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from yoloprune.storage import Store
-url, ready, release = sys.argv[1:4]
+url, ready, release, orphan = sys.argv[1:5]
 with Store(url).lock("held"):
+    if orphan == "1" and os.fork() != 0:
+        os._exit(0)  # the recorded holder exits; its child keeps the lock (file or database session) held
     Path(ready).touch()
     deadline = time.monotonic() + 120
     while not Path(release).exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    if orphan == "1":
+        os._exit(0)
 """
 
 
-def _holder(url, tmp_path):
-    """A process holding lock 'held' until ``release`` exists (the lock is taken when ``ready`` does)."""
+def _holder(url, tmp_path, *, orphan: bool = False):
+    """A process holding lock 'held' until ``release`` exists (the lock is taken when ``ready`` does). ``orphan``:
+    the process that took the lock (and named itself its holder) exits, a child it forked keeps holding it."""
     import subprocess
     import sys
     import time
 
     ready, release = tmp_path / "ready", tmp_path / "release"
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD, url, str(ready), str(release)])
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD, url, str(ready), str(release), "1" if orphan else "0"])
     deadline = time.monotonic() + 60
     while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < deadline, "the holder did not take the lock"
+        assert proc.poll() in (None, 0) if orphan else proc.poll() is None, "the holder did not take the lock"
+        assert time.monotonic() < deadline, "the holder did not take the lock"
         time.sleep(0.05)
+    if orphan:
+        assert proc.wait(60) == 0
     return proc, release
 
 
-def test_a_lock_wait_times_out_naming_the_holder(url, tmp_path):
-    """The waiter's error names the process that holds the lock (host, pid, since when) and what to do."""
+def test_a_lock_wait_times_out_naming_a_holder_that_is_gone(url, tmp_path):
+    """A holder that cannot be shown alive (its recorded pid runs no more): the waiter gives up after the timeout,
+    and its error names that process (host, pid, since when) and what to do."""
     import time
 
     Store(url)  # create the tables first
-    proc, release = _holder(url, tmp_path)
+    proc, release = _holder(url, tmp_path, orphan=True)
     try:
         store = Store(url, lock_timeout_s=0.5)
         t0 = time.monotonic()
@@ -219,8 +228,9 @@ def test_a_lock_wait_times_out_naming_the_holder(url, tmp_path):
             pytest.fail("the lock is held by another process")
         assert 0.4 < time.monotonic() - t0 < 15
         message = str(error.value)
-        assert f"lock 'held' after 0.5 s: it is held by pid {proc.pid} on host {socket.gethostname()} since " in message
-        assert "YOLOPRUNE_LOCK_TIMEOUT_S" in message
+        holder = f"pid {proc.pid} on host {socket.gethostname()} (no such process runs now) since "
+        assert f"lock 'held' after 0.5 s: it is held by {holder}" in message, message
+        assert "cannot be shown to run any more" in message and "YOLOPRUNE_LOCK_TIMEOUT_S" in message
         if url.startswith("sqlite"):
             assert f"delete {url.removeprefix('sqlite:///')}." in message and ".lock" in message
         else:
@@ -229,9 +239,44 @@ def test_a_lock_wait_times_out_naming_the_holder(url, tmp_path):
             pass
     finally:
         release.touch()
-        assert proc.wait(60) == 0
-    with store.lock("held", timeout_s=5):  # released: taken at once
+    with store.lock("held", timeout_s=10):  # released: taken as soon as the child exits
         pass
+
+
+def test_a_lock_wait_outlasts_its_timeout_while_the_holder_runs(url, tmp_path, caplog, monkeypatch):
+    """A holder that provably runs (a long baseline evaluation) is waited for past the timeout, with a notice now
+    and then; only the hard cap ends such a wait, naming the holder."""
+    import threading
+    import time
+
+    from yoloprune.storage import locks
+
+    Store(url)
+    proc, release = _holder(url, tmp_path)
+    try:
+        capped = Store(url, lock_timeout_s=0.2, lock_max_wait_s=1.5)
+        t0 = time.monotonic()
+        with pytest.raises(StorageError) as error, capped.lock("held"):
+            pytest.fail("the lock is held by another process")
+        assert 1.4 < time.monotonic() - t0 < 15
+        message = str(error.value)
+        assert f"after 1.5 s: it is held by pid {proc.pid} on host {socket.gethostname()} since " in message
+        assert "still runs" in message and "YOLOPRUNE_LOCK_MAX_WAIT_S" in message
+        timer = threading.Timer(3.0, release.touch)
+        timer.start()
+        caplog.set_level("INFO", logger="yoloprune")
+        monkeypatch.setattr(locks, "NOTICE_S", 1.0)
+        try:
+            t0 = time.monotonic()
+            with Store(url, lock_timeout_s=0.3).lock("held"):  # the holder runs: no timeout, taken once released
+                waited = time.monotonic() - t0
+        finally:
+            timer.join()
+        assert waited > 2.5
+        assert "still waiting for lock 'held'" in caplog.text and f"held by pid {proc.pid} " in caplog.text
+    finally:
+        release.touch()
+        assert proc.wait(60) == 0
 
 
 def test_a_killed_holder_frees_the_lock(url, tmp_path):
@@ -250,6 +295,8 @@ def test_the_lock_timeout_comes_from_the_environment(url, monkeypatch):
     assert Store(url).lock_timeout_s == LOCK_TIMEOUT_S
     monkeypatch.setenv("YOLOPRUNE_LOCK_TIMEOUT_S", "5")
     assert Store(url).lock_timeout_s == 5.0 and Store(url, lock_timeout_s=2).lock_timeout_s == 2.0
+    monkeypatch.setenv("YOLOPRUNE_LOCK_MAX_WAIT_S", "7200")
+    assert Store(url).lock_max_wait_s == 7200.0 and Store(url, lock_max_wait_s=9).lock_max_wait_s == 9.0
     monkeypatch.setenv("YOLOPRUNE_LOCK_TIMEOUT_S", "soon")
     with pytest.raises(ConfigError, match=r"YOLOPRUNE_LOCK_TIMEOUT_S='soon' is not a number of seconds"):
         Store(url)
@@ -265,3 +312,54 @@ def test_a_lock_lost_with_its_database_session_is_left_without_an_error(postgres
         postgres.start()
     with store.lock("held"):  # free again
         pass
+
+
+def test_an_interrupt_while_a_lock_is_taken_or_released_leaves_no_lock_held(postgres, monkeypatch):
+    """Ctrl-C just after ``pg_try_advisory_lock`` succeeded, or during the release: the connection (whose session
+    would hold the lock) is discarded, not returned to the pool, so no session holds the lock afterwards."""
+    import time
+
+    from sqlalchemy import create_engine, text
+
+    from yoloprune.storage import locks
+
+    url = postgres.create_database("interrupted_lock")
+    store = Store(url, lock_timeout_s=5)
+    observer = create_engine(url)
+
+    def held() -> int:
+        with observer.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar()
+
+    def no_lock_soon() -> bool:  # a discarded session ends a moment after its socket closes
+        deadline = time.monotonic() + 10
+        while held() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return held() == 0
+
+    real_me = locks.Holder.me
+
+    def interrupted_me():
+        raise KeyboardInterrupt  # lands between the lock's grant and the block that releases it
+
+    monkeypatch.setattr(locks.Holder, "me", staticmethod(interrupted_me))
+    with pytest.raises(KeyboardInterrupt), store.lock("held"):
+        pytest.fail("not reached")
+    monkeypatch.setattr(locks.Holder, "me", staticmethod(real_me))
+    assert no_lock_soon()
+
+    real_execute = locks.Connection.execute
+
+    def interrupted_unlock(self, statement, *args, **kwargs):
+        if "pg_advisory_unlock" in str(statement):
+            raise KeyboardInterrupt
+        return real_execute(self, statement, *args, **kwargs)
+
+    with pytest.raises(KeyboardInterrupt), store.lock("held"):
+        assert held() == 1
+        monkeypatch.setattr(locks.Connection, "execute", interrupted_unlock)
+    monkeypatch.setattr(locks.Connection, "execute", real_execute)
+    assert no_lock_soon()
+    with store.lock("held", timeout_s=0):  # and this process takes it at once
+        pass
+    observer.dispose()

@@ -131,3 +131,124 @@ def test_retry_transient_retries_a_lock_and_raises_a_missing_table_at_once(tmp_p
     finally:
         holder.close()
         engine.dispose()
+
+
+# --- which failures stop the search, and which fail one trial -------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "sqlstate"), [("SerializationFailure", "40001"), ("DeadlockDetected", "40P01")])
+def test_a_transaction_rolled_back_for_a_conflict_is_retried_but_stops_nothing(name, sqlstate):
+    from yoloprune.search.trial import storage_failed
+
+    psycopg = pytest.importorskip("psycopg")
+    orig = getattr(psycopg.errors, name)("could not serialize access")
+    assert orig.sqlstate == sqlstate
+    error = _wrapped(orig, psycopg.Error)
+    assert is_transient(error) and not storage_failed(error)
+
+
+@pytest.mark.parametrize(
+    ("name", "stops"),
+    [
+        ("AdminShutdown", True),  # connection-class: past the retries, the server is gone
+        ("ConnectionFailure", True),
+        ("DiskFull", True),  # 53100: no write can succeed
+        ("DatabaseDropped", True),
+        ("QueryCanceled", False),  # 57014, a statement timeout: this trial's query only
+        ("DeadlockDetected", False),
+        ("SerializationFailure", False),
+        ("UndefinedTable", False),
+        ("UniqueViolation", False),
+    ],
+)
+def test_only_a_lost_connection_a_full_disk_or_a_dropped_database_stops_the_search(name, stops):
+    from yoloprune.search.trial import database_error, storage_failed
+
+    psycopg = pytest.importorskip("psycopg")
+    error = _wrapped(getattr(psycopg.errors, name)("whatever it says"), psycopg.Error)
+    assert storage_failed(error) is stops
+    chained = StorageError("storage error")
+    chained.__cause__ = error  # as Store.session raises it
+    assert storage_failed(chained) is stops
+    assert database_error(chained) and database_error(error) is isinstance(error, OperationalError)
+
+
+def test_libpq_failures_stop_the_search_once_retries_are_spent():
+    from yoloprune.search.trial import storage_failed
+
+    psycopg = pytest.importorskip("psycopg")
+    assert storage_failed(_wrapped(psycopg.OperationalError("connection failed"), psycopg.Error))
+
+
+def test_a_busy_sqlite_file_past_its_retries_fails_the_trial_only(tmp_path):
+    from yoloprune.search.trial import storage_failed
+
+    path = tmp_path / "db.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+    try:
+        with pytest.raises(OperationalError) as locked, engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+        assert is_transient(locked.value) and not storage_failed(locked.value)
+    finally:
+        holder.close()
+        engine.dispose()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="sqlite3 errors carry their result code from Python 3.11")
+def test_a_gone_or_full_sqlite_database_stops_the_search(tmp_path):
+    from yoloprune.search.trial import storage_failed
+
+    folder = tmp_path / "db"
+    folder.mkdir()
+    engine = create_engine(f"sqlite:///{folder / 'study.db'}")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        engine.dispose()
+        (folder / "study.db").unlink()
+        folder.rmdir()  # the folder removed: SQLite cannot open the file any more
+        with pytest.raises(OperationalError) as gone, engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+        assert gone.value.orig.sqlite_errorcode & 0xFF == sqlite3.SQLITE_CANTOPEN and storage_failed(gone.value)
+    finally:
+        engine.dispose()
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = sqlite3.SQLITE_FULL
+    assert storage_failed(_wrapped(full, sqlite3.Error)) and not is_transient(_wrapped(full, sqlite3.Error))
+
+
+def test_an_interrupt_in_a_retry_pause_stays_an_interrupt(tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while retry_transient waits after a busy file: the KeyboardInterrupt carries the
+    OperationalError as its __context__, and the search's database watch must let it through as the interrupt."""
+    from types import SimpleNamespace
+
+    from yoloprune.search.database_watch import DatabaseWatch
+    from yoloprune.search.trial import storage_failed
+
+    def interrupted_pause(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(retry, "time", SimpleNamespace(sleep=interrupted_pause))
+    path = tmp_path / "db.sqlite"
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    holder.execute("BEGIN EXCLUSIVE")
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0})
+
+    @retry_transient
+    def insert() -> None:
+        with engine.begin() as conn:
+            conn.execute(text("INSERT INTO t VALUES (1)"))
+
+    config = SimpleNamespace(storage_url=f"sqlite:///{path}", output_dir=tmp_path)
+    try:
+        with pytest.raises(KeyboardInterrupt) as interrupt, DatabaseWatch(config):  # type: ignore[arg-type]
+            insert()
+        assert isinstance(interrupt.value.__context__, OperationalError)
+        assert not storage_failed(interrupt.value)
+    finally:
+        holder.close()
+        engine.dispose()

@@ -2,7 +2,7 @@
 
 Each writer writes a hidden temporary file in the same folder, which is flushed, fsynced and then renamed
 over the final name (``os.replace``: atomic on one file system); on any failure the temporary file is
-removed. A write that fails for want of space or permission becomes an :class:`OutputWriteError` naming the
+removed. The file gets the permissions of the one it replaces, or those a plain ``open()`` would give it. A write that fails for want of space or permission becomes an :class:`OutputWriteError` naming the
 file, the cause and the fix.
 
 It sits in the bottom layer (the checkpoints in :mod:`yoloprune.ultra` are its lowest user) and imports nothing
@@ -15,7 +15,9 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -61,6 +63,7 @@ def atomic_path(path: str | Path, *, fix: str = DEFAULT_FIX) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, _mode_for(path))  # mkstemp's 0600 would make reports and models private to their writer
         _fsync(tmp)
         os.replace(tmp, path)
         _fsync_folder(path.parent)
@@ -165,6 +168,31 @@ def _nearly_full(folder: Path) -> bool:
 
 def _size(n: int) -> str:
     return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.0f} kB"
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions ``path`` gets: those of the file it replaces, else what a plain ``open()`` would give a
+    new file (0o666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+_UMASK_LOCK = threading.Lock()
+
+
+def current_umask() -> int:
+    """The process's umask, read without a window in which another thread's new file would get a wrong one:
+    from ``/proc/self/status`` (Linux >= 4.7), else set and restored under a lock."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)  # the narrowest for the instant it is set
+        os.umask(mask)
+    return mask
 
 
 def _fsync(path: Path) -> None:

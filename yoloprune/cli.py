@@ -25,7 +25,8 @@ STORAGE_ENV = "YOLOPRUNE_STORAGE"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; returns the process exit code (2 for a user error, 70 for a bug in yoloprune)."""
+    """Entry point; returns the process exit code (2 for a user error, 70 for a bug in yoloprune, 130 after Ctrl-C,
+    143 after SIGTERM)."""
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # KEY=VALUE overrides after an option land here
@@ -35,9 +36,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quiet:
         set_verbosity("WARNING")
     set_progress(not getattr(args, "no_progress", False))  # the long steps' bars too, not only the trials'
+    guard = _SigtermAsInterrupt()
     try:
-        with _SigtermAsInterrupt():
-            return int(args.func(args) or 0)
+        with guard:
+            code = int(args.func(args) or 0)
     except YoloPruneError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -48,24 +50,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"internal error: {e}", file=sys.stderr)
         return 70  # EX_SOFTWARE
     except KeyboardInterrupt as e:
-        print("terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted", file=sys.stderr)
-        return 130  # as for Ctrl-C: the commands that resume say so in the same words either way
+        terminated = isinstance(e, Terminated)
+        print("terminated (SIGTERM)" if terminated else "interrupted", file=sys.stderr)
+        return SIGTERM_EXIT if terminated else CTRL_C_EXIT
+    # A command that stops on an interrupt itself (search: "finished trials are kept...") returns 130 for both.
+    return SIGTERM_EXIT if code == CTRL_C_EXIT and guard.terminated else code
+
+
+#: Exit codes of a command stopped by Ctrl-C (SIGINT) or SIGTERM: 128 + the signal, as shells, ``timeout`` and
+#: batch schedulers expect.
+CTRL_C_EXIT, SIGTERM_EXIT = 130, 143
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill``, ``docker stop``, a batch scheduler) stopping a command: handled as Ctrl-C is."""
+    """SIGTERM (``kill``, ``docker stop``, a batch scheduler) stopping a command: handled as Ctrl-C is, but the
+    process exits with 143 (128 + SIGTERM), not 130."""
 
 
 class _SigtermAsInterrupt:
     """While a command runs, SIGTERM raises :class:`Terminated` in the main thread, so it stops the way Ctrl-C
     does: the running trial is recorded as interrupted (queued again on resume) and files are closed. A second
-    SIGTERM ends the process at once. Only the main thread may set signal handlers; elsewhere this does nothing."""
+    SIGTERM ends the process at once. Only the main thread may set signal handlers; elsewhere this does nothing.
+    :attr:`terminated` tells whether a SIGTERM came."""
+
+    def __init__(self) -> None:
+        self.terminated = False
+        self.previous: Any = None
 
     def __enter__(self) -> None:
         import signal
         import threading
 
-        self.previous = None
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGTERM, self._handler)
 
@@ -75,10 +90,10 @@ class _SigtermAsInterrupt:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
 
-    @staticmethod
-    def _handler(signum: int, frame: object) -> None:
+    def _handler(self, signum: int, frame: object) -> None:
         import signal
 
+        self.terminated = True
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         raise Terminated()
 

@@ -125,7 +125,8 @@ def experiment_baseline(exp: Experiment, evaluator: ProxyEvaluator) -> dict[str,
     stored = exp.store.baseline(exp.experiment_id, exp.baseline_key)
     if stored is not None:
         return stored
-    with exp.store.lock(f"baseline:{exp.experiment_id}:{exp.baseline_key}"):  # one worker evaluates it
+    # One worker evaluates it; the others wait as long as it provably runs (see yoloprune.storage.locks).
+    with exp.store.lock(f"baseline:{exp.experiment_id}:{exp.baseline_key}"):
         stored = exp.store.baseline(exp.experiment_id, exp.baseline_key)
         if stored is not None:
             return stored

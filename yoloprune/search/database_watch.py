@@ -22,7 +22,7 @@ from yoloprune.atomic import is_disk_full
 from yoloprune.config import ExperimentConfig
 from yoloprune.errors import StorageError
 from yoloprune.log import get_logger
-from yoloprune.search.trial import StorageLost, storage_failed
+from yoloprune.search.trial import StorageLost, database_error
 from yoloprune.storage.db import hide_password
 
 LOGGER = get_logger(__name__)
@@ -49,7 +49,9 @@ class DatabaseWatch:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
         threading.excepthook = self._hook
-        if error is not None and (isinstance(error, StorageLost) or storage_failed(error)):
+        if error is None or isinstance(error, KeyboardInterrupt):  # Ctrl-C or SIGTERM, even in a retry's pause
+            return
+        if isinstance(error, StorageLost) or database_error(error):  # what escaped Optuna's loop stops the search
             raise self.lost(error) from error
 
     def check(self) -> None:
@@ -109,7 +111,7 @@ class DatabaseWatch:
         )
 
     def _thread_error(self, args: threading.ExceptHookArgs) -> None:
-        if args.exc_value is not None and storage_failed(args.exc_value):
+        if args.exc_value is not None and database_error(args.exc_value):
             first = str(args.exc_value).splitlines()[0] if str(args.exc_value) else type(args.exc_value).__name__
             name = getattr(args.thread, "name", "a background thread")
             LOGGER.warning("%s could not write to the database (%s)", name, first)

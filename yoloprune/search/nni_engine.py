@@ -38,6 +38,7 @@ from yoloprune.offline import ultralytics_quiet
 from yoloprune.registry import NNI_TUNERS
 from yoloprune.search.optuna_engine import EpochReporter, make_sampler, open_study
 from yoloprune.spaces import SearchSpace
+from yoloprune.storage.db import hide_password
 from yoloprune.storage.optuna_adapter import (
     fail_trial,
     load_study,
@@ -50,6 +51,8 @@ from yoloprune.storage.record import TrialRecord
 
 if TYPE_CHECKING:
     from nni.experiment import Experiment
+
+    from yoloprune.search.trial import TrialEvaluation
 
 LOGGER = get_logger(__name__)
 
@@ -389,6 +392,7 @@ def run_trial(config: ExperimentConfig) -> int:
     import nni
 
     from yoloprune.search.methods import get_method
+    from yoloprune.search.trial import StorageLost
 
     params = config.space.snap(dict(nni.get_next_parameter() or {}))
     sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler())
@@ -402,24 +406,35 @@ def run_trial(config: ExperimentConfig) -> int:
         record.method = "random"  # NNI proposed it: push it onto the target in proportion
     write_record(trial, record)
     signal.signal(signal.SIGTERM, _interrupt)  # NNI stops trials with SIGTERM
+    evaluation: TrialEvaluation | None = None
     try:
         with ultralytics_quiet(True):
-            values = _evaluate(config, study, trial)
+            evaluation = _evaluation(config, study)
+            values = evaluation(trial)
     except KeyboardInterrupt:
         write_record(trial, TrialRecord(interrupted=True, error="interrupted (NNI stopped the trial)"))
         study.tell(trial, state=TrialState.FAIL)
         return 130
+    except StorageLost as e:  # nothing more can be stored: the trial stays RUNNING there, NNI sees it fail
+        print(f"trial failed: lost the database {hide_password(config.storage_url)}: {e}. Its finished trials "
+              "are kept in it; this trial's result is not.", file=sys.stderr)  # fmt: skip
+        return 2
     except Exception as e:
         record_error(study, trial, f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)
-        print(f"trial failed: {type(e).__name__}: {e}", file=sys.stderr)
+        stop = evaluation.stop_error if evaluation is not None else None
+        print(f"trial failed: {type(e).__name__}: {e}" + (f"; {stop}" if stop else ""), file=sys.stderr)
         return 2 if isinstance(e, YoloPruneError) else 1
     study.tell(trial, values)
     nni.report_final_result(final_metrics(study.trials[trial.number]))
+    if evaluation.stop_error is not None:  # its result is stored and told: only what came after it failed
+        print(f"trial {trial.number} finished and is stored, but {evaluation.stop_error} The next trials would "
+              "fail the same way: stop the NNI experiment and fix it.", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 
-def _evaluate(config: ExperimentConfig, study: optuna.Study, trial: optuna.Trial) -> list[float]:
+def _evaluation(config: ExperimentConfig, study: optuna.Study) -> TrialEvaluation:
     """The trial's evaluation, as the Optuna engine runs it, reporting each epoch to NNI's assessors."""
     import nni
 
@@ -429,14 +444,13 @@ def _evaluate(config: ExperimentConfig, study: optuna.Study, trial: optuna.Trial
 
     session = open_session(config)
     record_baseline_latency(study, session.baseline_latency)
-    evaluation = TrialEvaluation(
+    return TrialEvaluation(
         session,
         EpochReporter(study, None),  # NNI's assessors, not Optuna's pruners, act on NNI trials
         targeting=session_targeting(session) if config.cost_target is not None else None,
         display=NoDisplay,
         epoch_hook=lambda epoch, m: nni.report_intermediate_result(float(m["map50_95"])),
     )
-    return evaluation(trial)
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:

@@ -25,7 +25,7 @@ from yoloprune.search.methods import get_method
 from yoloprune.search.optuna_engine import EpochReporter, make_pruner, open_study
 from yoloprune.search.sensitivity import enqueue_warm_start, measure_curves
 from yoloprune.search.targeting import Targeting, enqueue_at_targets, session_targeting
-from yoloprune.search.trial import EpochBars, NoDisplay, TrialEvaluation, storage_failed
+from yoloprune.search.trial import EpochBars, NoDisplay, TrialEvaluation, database_error, storage_failed
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.storage import Store
 from yoloprune.storage.optuna_adapter import fail_stale, finished_count, record_baseline_latency, recover_interrupted
@@ -175,7 +175,7 @@ def _optimize(
             try:
                 exp.store.update_worker(worker, trials=stopper.trials, state=state)
             except Exception as e:  # the database itself failed: what failed first is what the user sees
-                if not storage_failed(e):
+                if not database_error(e):
                     raise
                 LOGGER.debug("could not store the worker's state: %s", e)
 
@@ -248,7 +248,12 @@ class _Stopper:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.watch.check()  # before anything else writes to a database file that may be gone
         self.trials += 1
-        self.store.update_worker(self.worker, trials=self.trials)
+        try:
+            self.store.update_worker(self.worker, trials=self.trials)
+        except Exception as e:  # a deadlock or a busy file past the retries: only the progress count is late
+            if storage_failed(e) or not database_error(e):
+                raise
+            LOGGER.warning("could not record this worker's progress (%s)", str(e).splitlines()[0][:200])
         if trial.state == TrialState.FAIL:
             self.failures += 1
             LOGGER.warning(

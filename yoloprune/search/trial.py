@@ -35,6 +35,7 @@ from yoloprune.search.targets import uniform_ratio
 from yoloprune.spaces import Candidate
 from yoloprune.storage.optuna_adapter import fail_stale, write_record
 from yoloprune.storage.record import TrialRecord
+from yoloprune.storage.retry import database_lost
 from yoloprune.ultra.checkpoint import save_checkpoint
 from yoloprune.ultra.train import EpochCallback
 
@@ -272,13 +273,12 @@ class TrialEvaluation:
                 self._stop_search(trial, error)
 
     def _stop_search(self, trial: optuna.Trial, error: YoloPruneError) -> None:
-        """Stop the search after this trial, the runner then raising ``error``; outside Optuna's loop (an NNI
-        trial) there is no search to stop: ``error`` is raised now."""
+        """Stop the search after this trial, which ends as it would have (a trial whose results are stored stays
+        COMPLETE); its caller then raises :attr:`stop_error`: the runner after Optuna's loop, an NNI trial (where
+        there is no loop to stop) once its result is told."""
         self.stop_error = error
-        try:
+        with contextlib.suppress(RuntimeError):  # outside study.optimize (NNI trials) there is no loop to stop
             trial.study.stop()
-        except RuntimeError:
-            raise error from None
 
     def _copy(self, trial: optuna.Trial, twin: FrozenTrial, start: float) -> list[float]:
         """Record ``twin``'s results on ``trial`` instead of evaluating the same candidate twice."""
@@ -316,15 +316,24 @@ class StorageLost(BaseException):
 
 
 def storage_failed(error: BaseException | None) -> bool:
-    """Whether ``error`` (or one in its chain) is the database failing: an operational error of the driver
-    (lost connection, full disk, deleted file), not a bug such as a constraint violation."""
+    """Whether ``error`` (past its retries) means the database itself failed, so that the search must stop: a
+    lost connection, a full disk, a deleted, replaced or unreadable database file
+    (:func:`~yoloprune.storage.retry.database_lost`). A deadlock, a serialization failure, a statement timeout or
+    a busy SQLite file fails the trial alone, as a constraint violation does."""
+    return database_lost(error)
+
+
+def database_error(error: BaseException | None) -> bool:
+    """Whether ``error`` (or one in its ``__cause__`` chain) comes from the database at all: an operational
+    error of the driver, or yoloprune's own StorageError. Not a reason to stop by itself (see
+    :func:`storage_failed`)."""
     from sqlalchemy.exc import OperationalError
 
     seen = 0
     while error is not None and seen < 10:
         if isinstance(error, (OperationalError, sqlite3.OperationalError, StorageError)):
             return True
-        error, seen = error.__cause__ or error.__context__, seen + 1
+        error, seen = error.__cause__, seen + 1
     return False
 
 

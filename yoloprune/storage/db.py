@@ -42,7 +42,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from yoloprune.errors import BackendUnavailableError, StorageError
 from yoloprune.log import get_logger
-from yoloprune.storage.locks import advisory_lock, file_lock, lock_timeout_from_env
+from yoloprune.storage.locks import advisory_lock, file_lock, lock_max_wait_from_env, lock_timeout_from_env
 
 # is_transient and retry_transient lived here before storage.retry: still importable from here.
 from yoloprune.storage.retry import is_transient, lost_insert_race, retry_transient, retry_write  # noqa: F401
@@ -217,17 +217,28 @@ class Store:
 
     A database without yoloprune's tables gets them at the current schema version; an older version is
     refused with the command that upgrades it (``upgrade=True`` upgrades it, as ``yoloprune db upgrade``).
-    ``lock_timeout_s`` bounds every wait for a :meth:`lock` (default: ``$YOLOPRUNE_LOCK_TIMEOUT_S``, else
-    :data:`~yoloprune.storage.locks.LOCK_TIMEOUT_S`).
+    ``lock_timeout_s`` bounds a :meth:`lock` wait for a holder that cannot be shown alive (default:
+    ``$YOLOPRUNE_LOCK_TIMEOUT_S``, else :data:`~yoloprune.storage.locks.LOCK_TIMEOUT_S`); ``lock_max_wait_s``
+    bounds the wait for one that is (``$YOLOPRUNE_LOCK_MAX_WAIT_S``, else
+    :data:`~yoloprune.storage.locks.LOCK_MAX_WAIT_S`).
 
     Every write is retried on transient errors and is safe to repeat after a lost acknowledgement: an update
     sets absolute values, an insert looks first for the row it would add (by a natural or idempotency key).
     """
 
-    def __init__(self, url: str, *, upgrade: bool = False, lock_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        upgrade: bool = False,
+        lock_timeout_s: float | None = None,
+        lock_max_wait_s: float | None = None,
+    ) -> None:
         self.url = url
-        #: How long :meth:`lock` waits (None: ``$YOLOPRUNE_LOCK_TIMEOUT_S``, else 30 min).
+        #: How long :meth:`lock` waits for a holder not shown alive (None: ``$YOLOPRUNE_LOCK_TIMEOUT_S``, else 30 min).
         self.lock_timeout_s = lock_timeout_from_env() if lock_timeout_s is None else lock_timeout_s
+        #: How long :meth:`lock` waits for a holder that is alive (None: ``$YOLOPRUNE_LOCK_MAX_WAIT_S``, else 24 h).
+        self.lock_max_wait_s = lock_max_wait_from_env() if lock_max_wait_s is None else lock_max_wait_s
         self.engine = engine_for(url)
         try:
             self._check_schema(upgrade)
@@ -276,16 +287,17 @@ class Store:
         """Hold a lock named ``name`` across processes and machines sharing this database.
 
         PostgreSQL: a session-level advisory lock. SQLite (one machine): a lock file beside the database.
-        Waits ``timeout_s`` (default :attr:`lock_timeout_s`) at most, then raises a StorageError naming the
-        process that holds it (host, pid, since when) and how to free it.
+        Waits while the holder is alive (up to :attr:`lock_max_wait_s`), or ``timeout_s`` (default
+        :attr:`lock_timeout_s`) when it cannot be shown alive, then raises a StorageError naming the process
+        that holds it (host, pid, since when) and how to free it (:mod:`yoloprune.storage.locks`).
         """
         timeout = self.lock_timeout_s if timeout_s is None else timeout_s
         database = self.engine.url.database
         if self.engine.dialect.name == "postgresql":
-            with advisory_lock(self.engine, name, timeout):
+            with advisory_lock(self.engine, name, timeout, self.lock_max_wait_s):
                 yield
         elif self.engine.dialect.name == "sqlite" and database not in (None, "", ":memory:"):
-            with file_lock(database, name, timeout):
+            with file_lock(database, name, timeout, self.lock_max_wait_s):
                 yield
         else:  # an in-memory database belongs to this process alone
             yield

@@ -29,42 +29,90 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-#: PostgreSQL SQLSTATEs a retry may cure, besides class 08 (connection exception) as a whole: the server shut
-#: down (admin_shutdown, crash_shutdown), is starting up (cannot_connect_now), ended an idle session
-#: (idle_session_timeout) or has no connection slot free (too_many_connections).
+#: PostgreSQL SQLSTATEs of a lost or refused connection, besides class 08 (connection exception) as a whole: the
+#: server shut down (admin_shutdown, crash_shutdown), is starting up (cannot_connect_now), ended an idle session
+#: (idle_session_timeout) or has no connection slot free (too_many_connections). A retry may cure them.
 TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "57P05", "53300"})
+
+#: PostgreSQL SQLSTATEs of a transaction the server rolled back to settle a conflict with another one
+#: (serialization_failure, deadlock_detected): the same call, run again, may pass. A retry may cure them.
+CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+#: PostgreSQL SQLSTATEs after which the database cannot take the search's writes: disk_full, database_dropped.
+LOST_SQLSTATES = frozenset({"53100", "57P04"})
 
 #: SQLite primary result codes a retry may cure: SQLITE_BUSY (another connection writes), SQLITE_LOCKED.
 TRANSIENT_SQLITE_CODES = frozenset({5, 6})
 
+#: SQLite primary result codes of a database file that is gone, replaced or full: SQLITE_READONLY (its
+#: extended SQLITE_READONLY_DBMOVED: the file was deleted or moved), SQLITE_IOERR, SQLITE_CORRUPT, SQLITE_FULL,
+#: SQLITE_CANTOPEN (its folder was removed), SQLITE_NOTADB.
+LOST_SQLITE_CODES = frozenset({8, 10, 11, 13, 14, 26})
 
-def _transient_driver_error(error: BaseException | None) -> bool:
-    """Whether ``error``, a database driver's own exception, is one a retry may cure: by its class and code."""
+#: Python 3.10's sqlite3 errors carry no result code: SQLite's fixed wording of the codes above.
+_SQLITE_WORDS = {
+    "database is locked": "conflict",
+    "database table is locked": "conflict",
+    "attempt to write a readonly database": "lost",
+    "disk I/O error": "lost",
+    "database disk image is malformed": "lost",
+    "database or disk is full": "lost",
+    "unable to open database file": "lost",
+    "file is not a database": "lost",
+}
+
+
+def _driver_kind(error: BaseException | None) -> str | None:
+    """What ``error``, a database driver's own exception, says by its class and code: "connection" (lost or
+    refused), "conflict" (busy, locked, rolled back for a conflict), "lost" (the database gone or full), or None."""
     if isinstance(error, sqlite3.OperationalError):
         code = getattr(error, "sqlite_errorcode", None)  # Python >= 3.11
-        if code is None:  # Python 3.10: SQLite's fixed wording of SQLITE_BUSY and SQLITE_LOCKED
-            return str(error) in ("database is locked", "database table is locked")
-        return code & 0xFF in TRANSIENT_SQLITE_CODES  # an extended code (SQLITE_BUSY_SNAPSHOT...) holds its primary
+        if code is None:
+            return _SQLITE_WORDS.get(str(error))
+        if code & 0xFF in TRANSIENT_SQLITE_CODES:  # an extended code (SQLITE_BUSY_SNAPSHOT...) holds its primary
+            return "conflict"
+        return "lost" if code & 0xFF in LOST_SQLITE_CODES else None
     for module, code_attribute in (("psycopg", "sqlstate"), ("psycopg2", "pgcode")):
         driver = sys.modules.get(module)  # optional extras: an error of theirs exists only once they are imported
         if driver is not None and isinstance(error, driver.OperationalError):
             sqlstate = getattr(error, code_attribute, None)
             # No SQLSTATE: libpq itself failed (connection refused, lost or timed out), no server answered.
-            return sqlstate is None or sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES
-    return False
+            if sqlstate is None or sqlstate.startswith("08") or sqlstate in TRANSIENT_SQLSTATES:
+                return "connection"
+            if sqlstate in CONFLICT_SQLSTATES:
+                return "conflict"
+            return "lost" if sqlstate in LOST_SQLSTATES else None
+    return None
+
+
+def error_kind(error: BaseException | None) -> str | None:
+    """The first kind :func:`_driver_kind` finds along ``error``'s ``__cause__`` chain (a connection SQLAlchemy
+    saw die is "connection"), or None: an error of no database driver, or one no retry or stop is for (a missing
+    table, a constraint violation, a statement timeout). ``__context__`` is not followed: an error raised while
+    another was handled (Ctrl-C in a retry's pause) is not that error."""
+    while error is not None:
+        if isinstance(error, DBAPIError) and error.connection_invalidated:
+            return "connection"
+        kind = _driver_kind(error.orig if isinstance(error, DBAPIError) else error)
+        if kind is not None:
+            return kind
+        error = error.__cause__
+    return None
 
 
 def is_transient(error: BaseException | None) -> bool:
-    """A lost or refused connection or a busy SQLite file, which a retry may cure (not a missing table or a
-    constraint). Judged by the driver's error class and code (SQLSTATE, SQLite result code), not by its text
-    (but on Python 3.10, whose sqlite3 errors carry no code)."""
-    while error is not None:
-        if isinstance(error, DBAPIError) and error.connection_invalidated:
-            return True
-        if _transient_driver_error(error.orig if isinstance(error, DBAPIError) else error):
-            return True
-        error = error.__cause__
-    return False
+    """A lost or refused connection, a busy SQLite file or a transaction rolled back for a conflict (deadlock,
+    serialization failure), which a retry may cure (not a missing table or a constraint). Judged by the driver's
+    error class and code (SQLSTATE, SQLite result code), not by its text (but on Python 3.10, whose sqlite3
+    errors carry no code)."""
+    return error_kind(error) in ("connection", "conflict")
+
+
+def database_lost(error: BaseException | None) -> bool:
+    """Whether ``error``, past its retries, means the database cannot take the search's writes any more: a lost
+    connection, a full disk, a database file deleted, replaced or unreadable, a dropped database. A busy file,
+    a deadlock or a statement timeout fails one call only."""
+    return error_kind(error) in ("connection", "lost")
 
 
 def retry_transient(fn: Callable[P, R]) -> Callable[P, R]:
