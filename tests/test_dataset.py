@@ -364,6 +364,8 @@ def test_the_cache_is_keyed_by_nc_and_skips_fresh_files(tmp_path, tiny_data, mon
     from yoloprune.data import check
 
     root = _copy(tmp_path, tiny_data)
+    for f in root.rglob("*"):  # copytree kept the fixture's times: make every file just written
+        f.touch()
     cache = tmp_path / "cache"
     inspect_dataset(root / "data.yaml", cache_dir=cache)
     assert not list(cache.glob("*.json"))  # just written files may change again within the clock's tick
