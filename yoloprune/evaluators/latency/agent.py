@@ -131,7 +131,6 @@ class AgentServer(ThreadingHTTPServer):
         self.device = threading.Lock()  # one measurement at a time
         self.connections = threading.BoundedSemaphore(self.limits.max_connections)
         self.mean_measure_s = 10.0  # for Retry-After; updated after each measurement
-        self.last_child_pid: int | None = None
         self._backends: list[str] | None = None
         self._probe = threading.Lock()
 
@@ -207,7 +206,6 @@ class AgentServer(ThreadingHTTPServer):
             start = time.monotonic()
             outcome, payload, pid = run_measurement(path, backend, spec, self.limits.timeout_s)
             elapsed = time.monotonic() - start
-            self.last_child_pid = pid
         if outcome == "ok":
             self.mean_measure_s = 0.7 * self.mean_measure_s + 0.3 * elapsed
         LOGGER.info("agent: %s measurement in process %s: %s after %.1f s", client, pid, outcome, elapsed)
