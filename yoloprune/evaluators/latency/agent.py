@@ -159,10 +159,15 @@ class AgentServer(ThreadingHTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # ThreadingMixIn's own version, with the slot freed before the socket closes: a client that
+        # sees its connection end may connect again at once and find the slot free.
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
             self.connections.release()
+            self.shutdown_request(request)
 
     def finish_request(self, request: Any, client_address: Any) -> None:
         request.settimeout(self.limits.read_timeout_s)
