@@ -118,3 +118,42 @@ def test_a_database_lost_under_an_nni_trial_ends_it_with_one_line(tmp_path, monk
     err = capsys.readouterr().err
     assert err.startswith("trial failed: lost the database ") and "connection refused" in err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_trial_another_worker_failed_as_stale_is_dropped_and_the_worker_goes_on(
+    tmp_path, tiny_data, monkeypatch, caplog
+):
+    """A worker whose heartbeat went silent past grace_s (an overloaded or suspended machine) finds its trial
+    failed and queued again by another worker: it drops that trial and runs on to its budget, where Optuna's
+    loop alone would stop with "Cannot tell a FAIL trial"."""
+    from yoloprune.evaluators.proxy import ProxyEvaluator
+    from yoloprune.search.runner import run_search
+    from yoloprune.storage.optuna_adapter import enqueue
+    from yoloprune.storage.record import TrialRecord
+
+    cfg = config_from_dict(
+        {
+            **_config(tmp_path).model_dump(mode="json", exclude_none=True),
+            "data": str(tiny_data),
+            "finetune": {"epochs": 0, "batch": 8, "bn_batches": 1},
+            "budget": {"trials": 2},
+        }
+    )
+    real, calls = ProxyEvaluator.evaluate, [0]
+
+    def evaluate(self, *args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 1:  # what another worker's stale-trial check does, through its own connection
+            other = optuna.load_study(study_name=cfg.name, storage=cfg.storage_url)
+            running = other.get_trials(states=(TrialState.RUNNING,))[0]
+            other._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+            enqueue(other, running.params, TrialRecord(retry_of=running.number))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProxyEvaluator, "evaluate", evaluate)
+    with caplog.at_level("WARNING", logger="yoloprune"):
+        study = run_search(cfg, progress=False)
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.FAIL and states.count(TrialState.COMPLETE) == 2, states
+    assert study.trials[1].params == study.trials[0].params  # the queued retry ran
+    assert any("trial 0 was failed by another worker" in r.getMessage() for r in caplog.records)

@@ -392,7 +392,7 @@ def run_trial(config: ExperimentConfig) -> int:
     import nni
 
     from yoloprune.search.methods import get_method
-    from yoloprune.search.trial import StorageLost
+    from yoloprune.search.trial import StorageLost, TrialTakenOver
 
     params = config.space.snap(dict(nni.get_next_parameter() or {}))
     sampler = optuna.samplers.PartialFixedSampler(params, optuna.samplers.RandomSampler())
@@ -419,6 +419,10 @@ def run_trial(config: ExperimentConfig) -> int:
         print(f"trial failed: lost the database {hide_password(config.storage_url)}: {e}. Its finished trials "
               "are kept in it; this trial's result is not.", file=sys.stderr)  # fmt: skip
         return 2
+    except TrialTakenOver:  # another process finished it in the database: nothing of this trial can be stored
+        print(f"trial failed: trial {trial.number} was finished by another process while this one ran it; "
+              "its result is dropped.", file=sys.stderr)  # fmt: skip
+        return 1
     except Exception as e:
         record_error(study, trial, f"{type(e).__name__}: {e}")
         study.tell(trial, state=TrialState.FAIL)

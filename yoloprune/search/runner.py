@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 import optuna
@@ -25,7 +26,14 @@ from yoloprune.search.methods import get_method
 from yoloprune.search.optuna_engine import EpochReporter, make_pruner, open_study
 from yoloprune.search.sensitivity import enqueue_warm_start, measure_curves
 from yoloprune.search.targeting import Targeting, enqueue_at_targets, session_targeting
-from yoloprune.search.trial import EpochBars, NoDisplay, TrialEvaluation, database_error, storage_failed
+from yoloprune.search.trial import (
+    EpochBars,
+    NoDisplay,
+    TrialEvaluation,
+    TrialTakenOver,
+    database_error,
+    storage_failed,
+)
 from yoloprune.search.uniform import enqueue_uniform, uniform_params
 from yoloprune.storage import Store
 from yoloprune.storage.optuna_adapter import fail_stale, finished_count, record_baseline_latency, recover_interrupted
@@ -161,14 +169,7 @@ def _optimize(
     reaper = _Reaper(study, config.engine.workers.heartbeat_s)
     with logging_redirect_tqdm(loggers=[logging.getLogger("yoloprune")]), reaper, _NoInterruptTraceback():
         try:
-            study.optimize(
-                objective,
-                n_trials=None,
-                timeout=config.budget.timeout_s,
-                catch=(Exception,),
-                callbacks=[stopper],
-                gc_after_trial=True,
-            )
+            _optimize_until_done(study, objective, config, stopper)
             state = "done"
         finally:
             bar.close()
@@ -178,6 +179,38 @@ def _optimize(
                 if not database_error(e):
                     raise
                 LOGGER.debug("could not store the worker's state: %s", e)
+
+
+def _optimize_until_done(
+    study: optuna.Study, objective: TrialEvaluation, config: ExperimentConfig, stopper: _Stopper
+) -> None:
+    """Optuna's loop until the budget or the timeout; a trial another worker took over is dropped, and the
+    loop goes on (Optuna's loop cannot: it stops at a trial it cannot store)."""
+    timeout = config.budget.timeout_s
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        try:
+            study.optimize(
+                objective, n_trials=None, timeout=left, catch=(Exception,), callbacks=[stopper], gc_after_trial=True
+            )
+            return
+        except TrialTakenOver as e:
+            grace = config.engine.workers.grace_s
+            stopper.failures += 1
+            LOGGER.warning(
+                "trial %d was failed by another worker while this one ran it: this worker sent no heartbeat for "
+                "over engine.workers.grace_s (%d s), as when a machine is overloaded or suspended. Its result is "
+                "dropped (that worker queued its candidate again, up to engine.workers.max_retries times); "
+                "going on. Raise grace_s if this repeats.",
+                e.number,
+                grace,
+            )
+            if stopper.failures >= MAX_CONSECUTIVE_FAILURES:
+                LOGGER.error("%d trials failed in a row; stopping this worker.", stopper.failures)
+                return
 
 
 def _after_search(study: optuna.Study) -> None:

@@ -33,7 +33,7 @@ from yoloprune.search.optuna_engine import EpochReporter
 from yoloprune.search.targeting import Targeting
 from yoloprune.search.targets import uniform_ratio
 from yoloprune.spaces import Candidate
-from yoloprune.storage.optuna_adapter import fail_stale, write_record
+from yoloprune.storage.optuna_adapter import fail_stale, finished_elsewhere, write_record
 from yoloprune.storage.record import TrialRecord
 from yoloprune.storage.retry import database_lost
 from yoloprune.ultra.checkpoint import save_checkpoint
@@ -149,6 +149,14 @@ class TrialEvaluation:
         self.stop_error: YoloPruneError | None = None
 
     def __call__(self, trial: optuna.Trial) -> list[float]:
+        try:
+            return self._run(trial)
+        except Exception as e:
+            if finished_elsewhere(trial):
+                raise TrialTakenOver(trial.number) from e
+            raise
+
+    def _run(self, trial: optuna.Trial) -> list[float]:
         start = time.perf_counter()
         candidate = self._propose(trial)
         twin = self.duplicates.twin(trial, candidate.key())
@@ -313,6 +321,20 @@ class StorageLost(BaseException):
     def __init__(self, cause: BaseException) -> None:
         super().__init__(str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
         self.cause = cause
+
+
+class TrialTakenOver(BaseException):
+    """Another worker failed this worker's running trial as stale and queued its candidate again: this worker's
+    heartbeat was silent for longer than ``engine.workers.grace_s`` (a machine overloaded, or suspended). The
+    trial can no longer be stored; the runner drops it and this worker goes on with the next one.
+
+    A BaseException, as :class:`StorageLost` is, so that Optuna's loop does not try to store the finished trial's
+    state (it would stop the worker with "Cannot tell a FAIL trial").
+    """
+
+    def __init__(self, number: int) -> None:
+        super().__init__(number)
+        self.number = number
 
 
 def storage_failed(error: BaseException | None) -> bool:

@@ -249,6 +249,14 @@ def fail_trial(
         return False
 
 
+def finished_elsewhere(trial: optuna.Trial) -> bool:
+    """Whether ``trial``, still running in this process, is finished in the database (by another worker)."""
+    try:
+        return trial.study._storage.get_trial(trial._trial_id).state.is_finished()
+    except Exception:  # the database cannot say: the trial's own error is what the user sees
+        return False
+
+
 def record_error(study: optuna.Study, trial: optuna.Trial, error: str) -> None:
     """Note why a running trial failed, unless an earlier step already did."""
     if read_record(study, trial).error is None:
