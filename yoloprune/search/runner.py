@@ -198,18 +198,15 @@ def _optimize_until_done(
             )
             return
         except TrialTakenOver as e:
-            grace = config.engine.workers.grace_s
-            stopper.failures += 1
             LOGGER.warning(
                 "trial %d was failed by another worker while this one ran it: this worker sent no heartbeat for "
                 "over engine.workers.grace_s (%d s), as when a machine is overloaded or suspended. Its result is "
                 "dropped (that worker queued its candidate again, up to engine.workers.max_retries times); "
                 "going on. Raise grace_s if this repeats.",
                 e.number,
-                grace,
+                config.engine.workers.grace_s,
             )
-            if stopper.failures >= MAX_CONSECUTIVE_FAILURES:
-                LOGGER.error("%d trials failed in a row; stopping this worker.", stopper.failures)
+            if stopper.count_failure():
                 return
 
 
@@ -278,6 +275,16 @@ class _Stopper:
         self.failures = 0
         self.trials = 0
 
+    def count_failure(self) -> bool:
+        """Count one more failed trial in a row; whether the search must stop (said once, here)."""
+        self.failures += 1
+        if self.failures < MAX_CONSECUTIVE_FAILURES:
+            return False
+        LOGGER.error(
+            "%d trials failed in a row; stopping the search. Fix the cause and re-run to resume.", self.failures
+        )
+        return True
+
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         self.watch.check()  # before anything else writes to a database file that may be gone
         self.trials += 1
@@ -288,14 +295,10 @@ class _Stopper:
                 raise
             LOGGER.warning("could not record this worker's progress (%s)", str(e).splitlines()[0][:200])
         if trial.state == TrialState.FAIL:
-            self.failures += 1
             LOGGER.warning(
                 "trial %d failed: %s", trial.number, TrialRecord.from_frozen(trial).error or "see the log above"
             )
-            if self.failures >= MAX_CONSECUTIVE_FAILURES:
-                LOGGER.error(
-                    "%d trials failed in a row; stopping the search. Fix the cause and re-run to resume.", self.failures
-                )
+            if self.count_failure():
                 study.stop()
             return
         self.failures = 0
